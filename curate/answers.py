@@ -1,0 +1,77 @@
+"""Final-answer extraction and number normalisation, shared by ingest (reference answers) and traces.
+
+Styles, tried in this order by ``auto``:
+- ``hash``: GSM8K's ``#### 18`` marker (last one wins)
+- ``boxed``: LaTeX ``\\boxed{...}`` (last one wins, nested braces handled)
+- ``answer-is``: "the answer is 18", "Answer: 18"
+- ``last-number``: the last number in the text
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+
+STYLES = ("auto", "hash", "boxed", "answer-is", "last-number")
+
+_NUMBER = r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_HASH = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
+_ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*:?\s*(.+?)(?:\.\s|\.?$|\n)", re.IGNORECASE)
+_LAST_NUMBER = re.compile(_NUMBER)
+
+
+def extract_answer(text: str, style: str = "auto") -> str | None:
+    """The final answer in ``text`` by ``style``, normalised if it is a number; None if there is none."""
+    if style not in STYLES:
+        raise ValueError(f"unknown answer style {style!r}; choose one of {', '.join(STYLES)}")
+    order = ("hash", "boxed", "answer-is", "last-number") if style == "auto" else (style,)
+    for one in order:
+        found = _EXTRACTORS[one](text)
+        if found is not None and found.strip():
+            return normalize_answer(found)
+    return None
+
+
+def normalize_answer(answer: str) -> str:
+    """A number loses currency signs, thousands separators, units and trailing zeros; text is trimmed."""
+    stripped = answer.strip().rstrip(".")
+    match = re.fullmatch(r"\$?\s*(" + _NUMBER.replace(r"\$?\s?", "") + r")\s*[a-zA-Z%]*", stripped)
+    if match is None:
+        return stripped
+    number = match.group(1).replace(",", "")
+    try:
+        value = Decimal(number)
+    except InvalidOperation:
+        return stripped
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "") else text
+
+
+def _hash(text: str) -> str | None:
+    found = _HASH.findall(text)
+    return found[-1] if found else None
+
+
+def _boxed(text: str) -> str | None:
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    begin = i
+    while i < len(text) and depth:
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        i += 1
+    return text[begin : i - 1] if depth == 0 else None
+
+
+def _answer_is(text: str) -> str | None:
+    found = _ANSWER_IS.findall(text)
+    return found[-1] if found else None
+
+
+def _last_number(text: str) -> str | None:
+    found = _LAST_NUMBER.findall(text)
+    return found[-1] if found else None
+
+
+_EXTRACTORS = {"hash": _hash, "boxed": _boxed, "answer-is": _answer_is, "last-number": _last_number}

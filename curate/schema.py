@@ -34,4 +34,85 @@ REJECTS = pa.schema(
     ]
 )
 
-TABLES: dict[str, pa.Schema] = {"examples": EXAMPLES, "rejects": REJECTS}
+# One row per (example, score_key, variant). Lists are per token of the templated conversation; the
+# signals at token t come from the distribution that predicted it (logits at t-1), so element 0 is null.
+TOKEN_SCORES = pa.schema(
+    [
+        ("example_id", pa.string()),
+        ("score_key", pa.string()),  # hash of model fingerprint + engine + parameters: one scoring run's identity
+        ("variant", pa.string()),  # "chat" (whole conversation) or "response_only" (no instruction; for IFD)
+        ("model", pa.string()),  # path or hub id
+        ("model_hash", pa.string()),  # config + weights fingerprint
+        ("dtype", pa.string()),
+        ("engine", pa.string()),
+        ("engine_version", pa.string()),
+        ("template_hash", pa.string()),  # chat template the token spans were made with
+        ("top_k", pa.int32()),
+        ("n_tokens", pa.int32()),
+        ("truncated", pa.bool_()),
+        ("token_ids", pa.list_(pa.int32())),
+        ("message_index", pa.list_(pa.int16())),  # which message each token belongs to (-1: none)
+        ("role", pa.list_(pa.string())),
+        ("is_response", pa.list_(pa.bool_())),  # assistant content + its end-of-turn token
+        ("logprob", pa.list_(pa.float32())),
+        ("entropy", pa.list_(pa.float32())),  # full-vocabulary, nats
+        ("top_ids", pa.list_(pa.list_(pa.int32()))),
+        ("top_logprobs", pa.list_(pa.list_(pa.float32()))),
+    ]
+)
+
+# One row per (example, pair_key): two models on the same tokens.
+PAIR_SCORES = pa.schema(
+    [
+        ("example_id", pa.string()),
+        ("pair_key", pa.string()),
+        ("base_key", pa.string()),  # score_key of the base model's token_scores
+        ("calibrated_key", pa.string()),
+        ("n_tokens", pa.int32()),
+        ("is_response", pa.list_(pa.bool_())),
+        ("kl", pa.list_(pa.float32())),  # KL(calibrated ‖ base), full vocabulary, nats; element 0 null
+        ("log_ratio", pa.list_(pa.float32())),  # log q_calibrated(token) - log p_base(token); element 0 null
+    ]
+)
+
+# Aggregates over response tokens, rebuilt from token_scores by SQL (curate/score_sql.py) after each run.
+SAMPLE_SCORES = pa.schema(
+    [
+        ("example_id", pa.string()),
+        ("score_key", pa.string()),
+        ("model", pa.string()),
+        ("n_tokens", pa.int32()),
+        ("n_response_tokens", pa.int32()),
+        ("truncated", pa.bool_()),
+        ("mean_nll", pa.float64()),
+        ("ppl", pa.float64()),
+        ("mean_entropy", pa.float64()),
+        ("sum_nll", pa.float64()),
+        ("mean_nll_response_only", pa.float64()),  # the response scored without its instruction (null if not asked)
+        ("ifd", pa.float64()),  # mean_nll / mean_nll_response_only
+    ]
+)
+
+PROBE_SCORES = pa.schema(
+    [
+        ("example_id", pa.string()),
+        ("probe_key", pa.string()),
+        ("model", pa.string()),
+        ("template", pa.string()),
+        ("entropy", pa.float64()),  # of the first answer token's distribution, full vocabulary, nats
+        ("entropy_norm", pa.float64()),  # entropy / log(vocab)
+        ("token_id", pa.int32()),  # the greedy (argmax) first answer token
+        ("token_text", pa.string()),
+        ("expected_token_id", pa.int32()),  # first token of the reference answer as the model would write it
+        ("is_correct", pa.bool_()),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "examples": EXAMPLES,
+    "rejects": REJECTS,
+    "token_scores": TOKEN_SCORES,
+    "pair_scores": PAIR_SCORES,
+    "sample_scores": SAMPLE_SCORES,
+    "probe_scores": PROBE_SCORES,
+}

@@ -1,0 +1,99 @@
+"""Render a conversation with the model's chat template and say, for every token, which message it
+belongs to and whether it is a response token (what SFT trains on).
+
+Response tokens are an assistant message's content plus the end-of-turn token right after it; the
+role header (``<|im_start|>assistant\\n``) and the template's glue between turns are not. Spans come from
+rendering growing prefixes of the conversation, so they are exact for any template whose rendering of the
+first k messages is a prefix of the rendering of all of them (checked, with a clear error otherwise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+Message = dict[str, str]
+OUTSIDE = -1  # message index of tokens that belong to no message (template text after the last turn)
+
+
+@dataclass(frozen=True)
+class ChatTokens:
+    token_ids: list[int]
+    message_index: list[int]
+    role: list[str | None]
+    is_response: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def truncated(self, length: int) -> "ChatTokens":
+        return ChatTokens(
+            self.token_ids[:length], self.message_index[:length], self.role[:length], self.is_response[:length]
+        )
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def template_hash(tokenizer: Any) -> str:
+    template = tokenizer.chat_template or ""
+    return hashlib.sha256(template.encode("utf-8")).hexdigest()[:16]
+
+
+def render(tokenizer: Any, messages: Sequence[Message], *, generation_prompt: bool = False) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def tokenize_chat(tokenizer: Any, messages: Sequence[Message]) -> ChatTokens:
+    """Token ids of the templated conversation with per-token message index, role and response flag."""
+    if tokenizer.chat_template is None:
+        raise TemplateError("the tokenizer has no chat template; pass a model whose tokenizer defines one")
+    full = render(tokenizer, messages)
+    # message i covers characters [starts[i], starts[i + 1]); its response part is [content[i][0], content[i][1])
+    starts, response_spans = [], []
+    for i, message in enumerate(messages):
+        before = render(tokenizer, messages[:i])
+        _require_prefix(before, full, i)
+        starts.append(len(before))
+        if message["role"] == "assistant":
+            header = render(tokenizer, messages[:i], generation_prompt=True)
+            _require_prefix(header, full, i)
+            begin = full.find(message["content"], len(header))
+            if begin < 0:
+                raise TemplateError(f"the chat template changes the text of message {i}; cannot locate its content")
+            response_spans.append((i, begin, begin + len(message["content"])))
+    starts.append(len(full))
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = encoded["input_ids"]
+    offsets: list[tuple[int, int]] = encoded["offset_mapping"]
+    end_of_turn = set(tokenizer.all_special_ids)
+    message_index = [_region(start, starts) for start, _ in offsets]
+    roles = [messages[m]["role"] if m != OUTSIDE else None for m in message_index]
+    is_response = [False] * len(ids)
+    for i, begin, end in response_spans:
+        inside = [t for t, (s, _) in enumerate(offsets) if begin <= s < end or (s < begin < offsets[t][1])]
+        for t in inside:
+            is_response[t] = True
+        after = (inside[-1] + 1) if inside else next((t for t, (s, _) in enumerate(offsets) if s >= end), len(ids))
+        if after < len(ids) and ids[after] in end_of_turn and message_index[after] == i:
+            is_response[after] = True  # the end-of-turn token is trained: it teaches the model to stop
+    return ChatTokens(ids, message_index, roles, is_response)
+
+
+def _region(char: int, starts: list[int]) -> int:
+    for i in range(len(starts) - 1):
+        if starts[i] <= char < starts[i + 1]:
+            return i
+    return OUTSIDE
+
+
+def _require_prefix(prefix: str, full: str, index: int) -> None:
+    if not full.startswith(prefix):
+        raise TemplateError(
+            f"the chat template renders messages[:{index}] differently inside the whole conversation, so "
+            "per-message token spans cannot be computed exactly for this template"
+        )

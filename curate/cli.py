@@ -157,9 +157,16 @@ def _run_sql(args: argparse.Namespace) -> int:
 
 
 def _print_sql(text: str, args: argparse.Namespace) -> int:
+    import duckdb
+
     from curate import sql
 
-    print(sql.run(text, workspace=args.workspace, output_format=args.output_format, output=args.output, max_rows=args.max_rows))
+    try:
+        result = sql.run(text, workspace=args.workspace, output_format=args.output_format, output=args.output, max_rows=args.max_rows)
+    except duckdb.Error as err:
+        tables = ", ".join(args.workspace.tables()) or "none"
+        raise ValueError(f"{err} (tables in this workspace: {tables})") from err
+    print(result)
     return 0
 
 

@@ -77,3 +77,9 @@ def test_cli_sql_from_argument_file_and_stdin(filled, tmp_path: Path, capsys, mo
 def test_cli_sql_errors_are_clear(tmp_path: Path, capsys) -> None:
     assert main(["sql", "select 1", "-w", str(tmp_path / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_sql_error_names_the_tables(filled, capsys) -> None:
+    assert main(["sql", "select * from sample_scores", "-w", str(filled.root)]) == 1
+    err = capsys.readouterr().err
+    assert "sample_scores does not exist" in err and "tables in this workspace: examples, rejects" in err

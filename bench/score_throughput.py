@@ -20,7 +20,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 PATHS = ("plain-loop", "ours-transformers", "ours-vllm", "vllm-prompt-logprobs")
 
@@ -124,7 +123,7 @@ def main() -> None:
     base = next((r["tokens"] / r["seconds"] for r in results if r["path"] == "plain-loop"), None)
     print(f"\nSmolLM2-135M-Instruct, {args.examples} GSM8K chats, {results[0]['tokens']:,} tokens, dtype {args.dtype}, "
           f"{os.cpu_count()} CPUs; bf16 matmul peak {gflops:,.0f} GFLOP/s = ceiling {ceiling:,.0f} tokens/s\n")
-    print(f"| path | tokens/s | x plain loop | % of ceiling | peak RSS (MB) |\n|---|---|---|---|---|")
+    print("| path | tokens/s | x plain loop | % of ceiling | peak RSS (MB) |\n|---|---|---|---|---|")
     for r in results:
         rate = r["tokens"] / r["seconds"]
         ratio = f"{rate / base:.2f}" if base else "n/a"

@@ -11,7 +11,6 @@ and top-k come from hidden state t-1. Token 0 has no score (null, never 0).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -67,7 +66,6 @@ class OutputHead:
 
 def load_head(model_dir: str | Path, *, dtype: "torch.dtype") -> OutputHead:
     """Read the output head of a local checkpoint; refuse an architecture whose head we do not know."""
-    import torch
     from safetensors import safe_open
 
     directory = Path(model_dir)
@@ -80,7 +78,7 @@ def load_head(model_dir: str | Path, *, dtype: "torch.dtype") -> OutputHead:
             f"(supported: {', '.join(sorted(ARCHITECTURES))}); its logit rule must be added to "
             "curate/head.py before its entropies can be trusted"
         )
-    tied = config.get("tie_word_embeddings", kind == "softcap" or architecture.startswith("Gemma"))
+    tied = config.get("tie_word_embeddings", architecture.startswith("Gemma"))  # Gemma configs may omit it
     names = ("model.embed_tokens.weight", "embed_tokens.weight") if tied else ("lm_head.weight",)
     weight = None
     for file in sorted(directory.glob("*.safetensors")):
@@ -159,6 +157,3 @@ def pair_signals(
         return PairSignals(torch.empty(0), torch.empty(0))
     return PairSignals(torch.cat(kls).cpu(), torch.cat(ratios).cpu())
 
-
-def max_entropy(vocab_size: int) -> float:
-    return math.log(vocab_size)

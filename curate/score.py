@@ -15,7 +15,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -58,11 +58,9 @@ def open_scorer(model: str, *, engine: str = "vllm", dtype: str = "float32", top
     model_dir = resolve(model)
     head = load_head(model_dir, dtype=torch_dtype(dtype))  # refuses unknown architectures before the engine starts
     opened = open_engine(engine, model_dir, dtype=dtype, max_len=max_len)
-    device = getattr(opened, "device", "cpu")
-    if engine == "vllm":
-        import torch
+    import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where both engines put their hidden states
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return Scorer(opened, head.to(device), tokenizer, model, fingerprint(model_dir, dtype), top_k)
 
@@ -144,14 +142,12 @@ def _run(
     report = ScoreReport(key)
     done = _done_ids(workspace, "pair_scores", "pair_key", key) if is_pair else _done_ids(workspace, "token_scores", "score_key", key)
     done_per_model = [_done_ids(workspace, "token_scores", "score_key", s.key) for s in scorers]
-    total_tokens = _count_pending_examples(workspace, where, done)
     started = time.perf_counter()
-    bar = tqdm(total=total_tokens, desc="score", unit=" ex", disable=not progress, file=sys.stderr)
-    lead = scorers[0]
+    bar = tqdm(total=_count_pending_examples(workspace, where, done), desc="score", unit=" ex", disable=not progress, file=sys.stderr)
     for shard in _shards(workspace, where, shard_size):
         pending = [row for row in shard if row["example_id"] not in done]
         report.examples_already_done += len(shard) - len(pending)
-        prepared = [p for p in (_prepare(lead, row, ifd, overlong, report) for row in pending) if p is not None]
+        prepared = [p for p in (_prepare(scorers[0], row, ifd, overlong, report) for row in pending) if p is not None]
         if not prepared:
             continue
         chats = [p.chat.token_ids for p in prepared]
@@ -173,9 +169,8 @@ def _run(
         bar.set_postfix_str(f"{report.tokens_scored / (time.perf_counter() - started):,.0f} tok/s")
     bar.close()
     report.seconds = time.perf_counter() - started
-    for scorer in scorers:
-        if workspace.has_table("token_scores"):
-            report.sample_rows = rebuild_sample_scores(workspace, scorer.key)
+    if workspace.has_table("token_scores"):
+        report.sample_rows = sum(rebuild_sample_scores(workspace, scorer.key) for scorer in scorers)
     workspace.write_manifest(
         "score",
         {

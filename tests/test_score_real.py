@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from curate import workspace as workspace_module
 from curate.head import UnsupportedArchitecture, load_head
 from curate.ingest import ingest
 from curate.score import open_scorer, score, score_pair

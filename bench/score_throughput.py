@@ -28,7 +28,7 @@ def chats(count: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     from curate.bundled import BUILTIN_SOURCES
-    from curate.chat_tokens import tokenize_chat
+    from train.chat_tokens import tokenize_chat
     from curate.models import resolve
 
     tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2"))

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from curate.answers import STYLES
+from train.answers import STYLES
 from curate.records import FORMATS
 from curate.sql import OUTPUT_FORMATS
 from curate.workspace import Workspace
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest(verbs)
     _add_sql(verbs)
     _add_score(verbs)
+    _add_probe(verbs)
+    _add_generate(verbs)
     _add_models(verbs)
     return parser
 
@@ -233,6 +235,109 @@ def _run_score(args: argparse.Namespace) -> int:
     else:
         report = score(args.workspace, open_scorer(args.model, **options), ifd=args.ifd, **common)
     print(report.summary())
+    return 0
+
+
+# ---- probe --------------------------------------------------------------------------------------------------
+
+
+def _add_probe(verbs: argparse._SubParsersAction) -> None:
+    from curate.engines import DTYPES, ENGINES
+
+    parser = _verb(
+        verbs,
+        "probe",
+        "Answer-entropy probe (complexity-aware fine-tuning): ask for the answer only, read the model's first "
+        "answer token (greedy) and the full-vocabulary entropy of its distribution, check it against the "
+        "reference answer -> probe_scores. Prints the ROC AUC of (1 - H/max H) against correctness. Examples "
+        "without a reference answer are skipped and counted. Resumable like score.",
+        "curate probe --workspace ws --model smollm2 --where \"split = 'pool'\"",
+        _run_probe,
+    )
+    _workspace_arg(parser)
+    parser.add_argument("--model", required=True, help="bundled alias (smollm2), local checkpoint directory, or hub id")
+    parser.add_argument("--engine", choices=ENGINES, default="vllm", help="vllm (production) or transformers (reference)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model and head precision (default float32)")
+    parser.add_argument(
+        "--template",
+        default="auto",
+        help="auto (choice when the reference answer is a letter, else numeric), numeric, choice, or a path to "
+        "your own text file with a {question} placeholder (built-ins: curate/templates/answer_only_*.txt)",
+    )
+    parser.add_argument("--where", help="SQL predicate on examples, e.g. \"split = 'pool'\"")
+    parser.add_argument("--shard-size", type=int, default=256, help="examples per written part (the resume unit)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_probe(args: argparse.Namespace) -> int:
+    from curate.probe import probe
+    from curate.score import open_scorer
+
+    scorer = open_scorer(args.model, engine=args.engine, dtype=args.dtype, top_k=0)
+    report = probe(args.workspace, scorer, template=args.template, where=args.where, shard_size=args.shard_size, progress=not args.quiet)
+    print(report.summary())
+    return 0
+
+
+# ---- generate -----------------------------------------------------------------------------------------------
+
+
+def _add_generate(verbs: argparse._SubParsersAction) -> None:
+    from curate.best_of_n import RULES
+    from curate.engines import DTYPES, ENGINES
+
+    parser = _verb(
+        verbs,
+        "generate",
+        "Generate chain-of-thought traces from a teacher model through vLLM for the examples a selection or SQL "
+        "predicate picks -> traces (raw text, extracted answer, is_correct against the reference answer, finish "
+        "reason, token counts). Then chooses one trace per example (best-of-n) -> best_traces. Resumable: a "
+        "re-run sends only the requests not yet answered.",
+        "curate generate --workspace ws --teacher smollm2 --from \"split = 'pool'\" --n 4 --temperature 0.7",
+        _run_generate,
+    )
+    _workspace_arg(parser)
+    parser.add_argument("--teacher", required=True, help="bundled alias (smollm2), local checkpoint directory, or hub id")
+    parser.add_argument("--from", dest="source", help="a selection name in the workspace, or a SQL predicate on examples (default: all)")
+    parser.add_argument("--n", type=int, default=1, help="traces per example (default 1)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-tokens", type=int, default=512, help="completion length limit; longer traces are kept, flagged truncated")
+    parser.add_argument("--seed", type=int, default=0, help="added to every request's own seed (temperature > 0)")
+    parser.add_argument(
+        "--prompt",
+        dest="template",
+        default="auto",
+        help="auto (choice when the reference answer is a letter, else numeric), numeric, choice, or a path to "
+        "your own text file with a {question} placeholder (built-ins: curate/templates/cot_*.txt)",
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="teacher precision (default float32)")
+    parser.add_argument("--max-len", type=int, help="teacher context limit (default: the model's, at most 8192)")
+    parser.add_argument("--batch-size", type=int, default=64, help="requests per vLLM call and per written part")
+    parser.add_argument("--choose", choices=RULES, default="shortest", help="best-of-n rule after correctness (default shortest)")
+    parser.add_argument("--student", help="model whose mean log-prob ranks traces (--choose student-logprob)")
+    parser.add_argument("--student-engine", choices=ENGINES, default="transformers", help="scoring engine for --student")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from curate.best_of_n import choose_best
+    from curate.generate import Sampling, generate, open_teacher
+
+    sampling = Sampling(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    if args.choose == "student-logprob" and not args.student:
+        raise ValueError("--choose student-logprob needs --student MODEL")
+    teacher = open_teacher(args.teacher, dtype=args.dtype, max_len=args.max_len)
+    report = generate(args.workspace, teacher, source=args.source, sampling=sampling, template=args.template,
+                      batch_size=args.batch_size, progress=not args.quiet)
+    print(report.summary())
+    student = None
+    if args.choose == "student-logprob":
+        from curate.score import open_scorer
+
+        student = open_scorer(args.student, engine=args.student_engine, top_k=0)
+    chosen = choose_best(args.workspace, report.key, rule=args.choose, student=student)
+    print(f"best-of-{args.n} ({args.choose}): one trace for each of {chosen:,} examples -> best_traces")
     return 0
 
 

@@ -121,7 +121,6 @@ class VllmEngine:
     name = "vllm"
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", max_len: int | None = None, enforce_eager: bool | None = None) -> None:
-        import torch
         import vllm
         from vllm import LLM
         from vllm.config import PoolerConfig
@@ -129,18 +128,13 @@ class VllmEngine:
         self.version = vllm.__version__
         self.dtype = dtype
         self.max_len = max_len or context_length(model_dir)
-        on_gpu = torch.cuda.is_available()
-        if not on_gpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of RAM for the KV cache
         self.llm = LLM(
             model_dir,
             runner="pooling",
             pooler_config=PoolerConfig(task="token_embed", use_activation=False),
             dtype=dtype,
             max_model_len=self.max_len,
-            # on CPU this is the share of RAM vLLM reserves; compile only pays off on long GPU runs
-            gpu_memory_utilization=0.85 if on_gpu else 0.2,
-            enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
+            **vllm_machine_options(enforce_eager),
         )
 
     def hidden_states(self, sequences: Sequence[Sequence[int]]) -> list["torch.Tensor"]:
@@ -149,6 +143,20 @@ class VllmEngine:
         prompts = [TokensPrompt(prompt_token_ids=list(s)) for s in sequences]
         outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
         return [output.outputs.data for output in outputs]
+
+
+def vllm_machine_options(enforce_eager: bool | None = None) -> dict[str, object]:
+    """``LLM(...)`` options that depend on the machine: on CPU, ``gpu_memory_utilization`` is the share of
+    RAM vLLM reserves and the KV cache is bounded in GiB; compilation only pays off on long GPU runs."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    return {
+        "gpu_memory_utilization": 0.85 if on_gpu else 0.2,
+        "enforce_eager": (not on_gpu) if enforce_eager is None else enforce_eager,
+    }
 
 
 def open_engine(engine: str, model_dir: str, *, dtype: str, max_len: int | None = None) -> Engine:

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from tqdm import tqdm
 
 from curate import schema
-from curate.answers import extract_answer
+from train.answers import extract_answer
 from curate.bundled import BUILTIN_SOURCES, BuiltinSource
 from curate.readers import SUFFIXES, BadRow, iter_rows, shorten
 from curate.records import RecordError, apply_column_map, detect_format, example_id, to_messages, unused_fields

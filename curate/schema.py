@@ -93,18 +93,73 @@ SAMPLE_SCORES = pa.schema(
     ]
 )
 
+# One row per (example, probe_key): the answer-entropy probe of complexity-aware fine-tuning. The model is
+# asked for the answer only; the distribution of its first answer token is read at the last prompt position.
 PROBE_SCORES = pa.schema(
     [
         ("example_id", pa.string()),
-        ("probe_key", pa.string()),
+        ("probe_key", pa.string()),  # hash of model fingerprint + engine + template versions
         ("model", pa.string()),
-        ("template", pa.string()),
+        ("model_hash", pa.string()),
+        ("engine", pa.string()),
+        ("template", pa.string()),  # numeric, choice, or the user's template file
+        ("template_version", pa.string()),  # hash of the template text
+        ("n_prompt_tokens", pa.int32()),
         ("entropy", pa.float64()),  # of the first answer token's distribution, full vocabulary, nats
-        ("entropy_norm", pa.float64()),  # entropy / log(vocab)
+        ("entropy_norm", pa.float64()),  # entropy / log(vocab size), the maximum possible entropy
         ("token_id", pa.int32()),  # the greedy (argmax) first answer token
         ("token_text", pa.string()),
+        ("reference_answer", pa.string()),
         ("expected_token_id", pa.int32()),  # first token of the reference answer as the model would write it
+        ("is_valid", pa.bool_()),  # the greedy token can start an answer (a digit or sign; an option letter)
+        ("is_correct", pa.bool_()),  # the greedy token is the reference's first token
+    ]
+)
+
+# One row per generation request: (example, teacher, template, sampling parameters, sample index).
+TRACES = pa.schema(
+    [
+        ("trace_id", pa.string()),  # hash of the request: the resume key
+        ("example_id", pa.string()),
+        ("gen_key", pa.string()),  # hash of teacher fingerprint + templates + sampling parameters (all samples)
+        ("teacher", pa.string()),  # path or hub id
+        ("teacher_hash", pa.string()),  # config + weights fingerprint
+        ("engine_version", pa.string()),
+        ("dtype", pa.string()),
+        ("template", pa.string()),  # numeric, choice, or the user's template file
+        ("template_version", pa.string()),  # hash of the template text
+        ("temperature", pa.float64()),
+        ("top_p", pa.float64()),
+        ("max_tokens", pa.int32()),
+        ("seed", pa.int64()),  # the request's own seed (derived from trace_id and --seed)
+        ("sample_index", pa.int32()),
+        ("prompt", pa.list_(MESSAGE)),  # the conversation sent to the teacher
+        ("text", pa.string()),  # the raw completion
+        ("extracted_answer", pa.string()),  # null when none could be found
+        ("reference_answer", pa.string()),
+        ("is_correct", pa.bool_()),  # null when the example has no reference answer
+        ("finish_reason", pa.string()),  # "stop" or "length"
+        ("truncated", pa.bool_()),  # cut off by max_tokens
+        ("n_prompt_tokens", pa.int32()),
+        ("n_completion_tokens", pa.int32()),
+    ]
+)
+
+# One row per (example, gen_key, rule): the trace to train on, chosen by best-of-n (curate.best_of_n).
+BEST_TRACES = pa.schema(
+    [
+        ("example_id", pa.string()),
+        ("gen_key", pa.string()),
+        ("rule", pa.string()),  # shortest or student-logprob
+        ("student_key", pa.string()),  # score key of the student model (student-logprob only)
+        ("trace_id", pa.string()),
+        ("text", pa.string()),
         ("is_correct", pa.bool_()),
+        ("truncated", pa.bool_()),
+        ("n_completion_tokens", pa.int32()),
+        ("student_mean_logprob", pa.float64()),  # mean log-prob of the trace's tokens under the student
+        ("n_candidates", pa.int32()),
+        ("n_correct", pa.int32()),
     ]
 )
 
@@ -115,4 +170,6 @@ TABLES: dict[str, pa.Schema] = {
     "pair_scores": PAIR_SCORES,
     "sample_scores": SAMPLE_SCORES,
     "probe_scores": PROBE_SCORES,
+    "traces": TRACES,
+    "best_traces": BEST_TRACES,
 }

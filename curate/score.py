@@ -9,24 +9,22 @@ inputs does nothing. A different model or parameter gets a different key and lan
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from curate import schema
-from curate.chat_tokens import ChatTokens, TemplateError, template_hash, tokenize_chat
+from train.chat_tokens import ChatTokens, TemplateError, template_hash, tokenize_chat
 from curate.engines import Engine, ModelFingerprint, fingerprint, open_engine, torch_dtype
 from curate.head import OutputHead, load_head, pair_signals, token_signals
 from curate.score_tables import list_column, rebuild_sample_scores, scored_column, table_from_columns, top_column
+from curate.stream import count_pending, done_ids, example_shards, run_key
 from curate.workspace import Workspace
 
 OVERLONG = ("skip", "truncate")
@@ -47,7 +45,7 @@ class Scorer:
     def key(self) -> str:
         parts = {**self.fingerprint.as_dict(), "engine": self.engine.name, "top_k": self.top_k,
                  "template": template_hash(self.tokenizer), "max_len": self.engine.max_len}
-        return _hash(parts)
+        return run_key(parts)
 
 
 def open_scorer(model: str, *, engine: str = "vllm", dtype: str = "float32", top_k: int = 5, max_len: int | None = None) -> Scorer:
@@ -129,7 +127,7 @@ def score_pair(
 
 
 def pair_key(base: Scorer, calibrated: Scorer) -> str:
-    return _hash({"base": base.key, "calibrated": calibrated.key})
+    return run_key({"base": base.key, "calibrated": calibrated.key})
 
 
 def _run(
@@ -140,11 +138,11 @@ def _run(
     is_pair = len(scorers) == 2
     key = pair_key(*scorers) if is_pair else scorers[0].key
     report = ScoreReport(key)
-    done = _done_ids(workspace, "pair_scores", "pair_key", key) if is_pair else _done_ids(workspace, "token_scores", "score_key", key)
-    done_per_model = [_done_ids(workspace, "token_scores", "score_key", s.key) for s in scorers]
+    done = done_ids(workspace, "pair_scores", "pair_key", key) if is_pair else done_ids(workspace, "token_scores", "score_key", key)
+    done_per_model = [done_ids(workspace, "token_scores", "score_key", s.key) for s in scorers]
     started = time.perf_counter()
-    bar = tqdm(total=_count_pending_examples(workspace, where, done), desc="score", unit=" ex", disable=not progress, file=sys.stderr)
-    for shard in _shards(workspace, where, shard_size):
+    bar = tqdm(total=count_pending(workspace, where, done), desc="score", unit=" ex", disable=not progress, file=sys.stderr)
+    for shard in example_shards(workspace, where, shard_size):
         pending = [row for row in shard if row["example_id"] not in done]
         report.examples_already_done += len(shard) - len(pending)
         prepared = [p for p in (_prepare(scorers[0], row, ifd, overlong, report) for row in pending) if p is not None]
@@ -265,38 +263,3 @@ def _pair_table(base: Scorer, calibrated: Scorer, key: str, prepared: list[Prepa
         "log_ratio": scored_column([s.log_ratio.numpy() for s in signals], pa.float32()),
     }
     return table_from_columns(columns, schema.PAIR_SCORES)
-
-
-def _done_ids(workspace: Workspace, table: str, key_column: str, key: str) -> set[str]:
-    parts = workspace.parts(table)
-    if not parts:
-        return set()
-    done = pq.read_table([str(p) for p in parts], columns=["example_id"], filters=[(key_column, "=", key)])
-    return set(done.column("example_id").to_pylist())
-
-
-def _examples_query(where: str | None) -> str:
-    return "select example_id, messages from examples" + (f" where {where}" if where else "") + " order by example_id"
-
-
-def _count_pending_examples(workspace: Workspace, where: str | None, done: set[str]) -> int:
-    from curate.sql import connect
-
-    ids = connect(workspace).execute(f"select example_id from ({_examples_query(where)})").fetchall()
-    return sum(1 for (i,) in ids if i not in done)
-
-
-def _shards(workspace: Workspace, where: str | None, shard_size: int) -> Iterator[list[dict[str, Any]]]:
-    """Examples in id order, ``shard_size`` at a time, streamed (memory does not grow with the table)."""
-    from curate.sql import connect
-
-    if not workspace.has_table("examples"):
-        raise FileNotFoundError(f"{workspace.root} has no examples; run `curate ingest ... --workspace {workspace.root}` first")
-    reader = connect(workspace).sql(_examples_query(where)).to_arrow_reader(shard_size)
-    for batch in reader:
-        if batch.num_rows:
-            yield batch.to_pylist()
-
-
-def _hash(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,6 +1,6 @@
 import pytest
 
-from curate.answers import extract_answer, normalize_answer
+from train.answers import extract_answer, normalize_answer
 
 
 @pytest.mark.parametrize(
@@ -34,3 +34,27 @@ def test_normalize_answer(raw: str, expected: str) -> None:
 def test_unknown_style_is_named() -> None:
     with pytest.raises(ValueError, match="unknown answer style 'latex'"):
         extract_answer("x", "latex")
+
+
+# Real-looking completions of a small model on GSM8K and multiple-choice prompts.
+GRADED = [
+    ("Janet has 16 eggs. She eats 3 and bakes 4, so 16 - 3 - 4 = 9 eggs. 9 * $2 = $18.\n#### 18", "numeric", "18", "18", True),
+    ("The total is 5 + 7 = 12.\n#### 12", "numeric", "18", "12", False),
+    ("First we find the cost per item: 3 * 4 = 12. Then we multiply by", "numeric", "36", "12", False),  # cut off
+    ("I am not sure how to solve this problem.", "numeric", "7", None, False),
+    ("He earns $1,250.00 in total.\n#### $1,250", "numeric", "1250", "1250", True),
+    ("So the answer is 0.50 dollars.", "numeric", "0.5", "0.5", True),
+    ("Mars is red because of iron oxide.\nAnswer: B", "choice", "B", "B", True),
+    ("Water boils at 100 C, so the answer is (C).", "choice", "C", "C", True),
+    ("Let me think. Plants absorb oxygen.\nAnswer: B", "choice", "A", "B", False),
+    ("Spiders are arachnids with", "choice", "D", None, False),
+    ("The 4 legs... no wait. Final answer: \\boxed{D}", "choice", "D", "D", True),
+    ("#### 4", "numeric", None, "4", None),  # no reference: graded as unknown
+]
+
+
+@pytest.mark.parametrize(("text", "kind", "reference", "answer", "correct"), GRADED)
+def test_grade_completions(text: str, kind: str, reference: str | None, answer: str | None, correct: bool | None) -> None:
+    from curate.generate import grade
+
+    assert grade(text, kind, reference) == (answer, correct)

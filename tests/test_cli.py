@@ -10,9 +10,12 @@ import pytest
 
 from conftest import REPO, write_jsonl
 from curate.cli import build_parser, main
+from train import cli as train_cli
+
+PROGRAMS = {"curate": (build_parser, main), "train": (train_cli.build_parser, train_cli.main)}
 
 
-def _commands() -> list[list[str]]:
+def _commands(program: str = "curate") -> list[list[str]]:
     found: list[list[str]] = []
 
     def walk(parser: argparse.ArgumentParser, prefix: list[str]) -> None:
@@ -24,21 +27,22 @@ def _commands() -> list[list[str]]:
                     else:
                         found.append(prefix + [name])
 
-    walk(build_parser(), [])
+    walk(PROGRAMS[program][0](), [])
     return found
 
 
 def test_commands_are_found() -> None:
-    assert ["ingest"] in _commands() and ["models", "pull"] in _commands()
+    assert ["ingest"] in _commands() and ["models", "pull"] in _commands() and ["sft"] in _commands("train")
 
 
-@pytest.mark.parametrize("command", _commands(), ids=" ".join)
+@pytest.mark.parametrize("command", [[p, *c] for p in PROGRAMS for c in _commands(p)], ids=" ".join)
 def test_help_has_an_example_and_readme_documents_it(command: list[str], capsys) -> None:
+    program, *verb = command
     with pytest.raises(SystemExit) as done:
-        main(command + ["--help"])
+        PROGRAMS[program][1](verb + ["--help"])
     assert done.value.code == 0
     assert "example:" in capsys.readouterr().out
-    assert f"curate {' '.join(command)}" in (REPO / "README.md").read_text()
+    assert " ".join(command) in (REPO / "README.md").read_text()
 
 
 def test_cli_ingest_prints_counts(tmp_path: Path, capsys) -> None:

@@ -12,35 +12,13 @@ import numpy as np
 import pytest
 
 from curate.head import UnsupportedArchitecture, load_head
-from curate.ingest import ingest
 from curate.score import open_scorer, score, score_pair
 from curate.sql import connect
 from curate.workspace import Workspace
+from conftest import SUBSET
 
 pytestmark = pytest.mark.model
 
-SUBSET = "example_id < '03'"  # 19 GSM8K chats, ~4,500 tokens: enough to compare, quick on 2 cores
-
-
-@pytest.fixture(scope="session")
-def gsm8k_workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    ws = Workspace(tmp_path_factory.mktemp("gsm8k"))
-    ingest(["gsm8k"], workspace=ws, progress=False)
-    return ws
-
-
-@pytest.fixture(scope="session")
-def reference(smollm2_dir: Path):
-    return open_scorer(str(smollm2_dir), engine="transformers", top_k=5)
-
-
-@pytest.fixture
-def fresh(gsm8k_workspace: Workspace, tmp_path: Path) -> Workspace:
-    """A workspace holding only the ingested examples (scores from other tests do not leak in)."""
-    ws = Workspace(tmp_path / "ws")
-    ws.root.mkdir()
-    shutil.copytree(gsm8k_workspace.table_dir("examples"), ws.table_dir("examples"))
-    return ws
 
 
 def _tokens(ws: Workspace, key: str) -> dict[str, dict]:
@@ -55,9 +33,7 @@ def _spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(*ranks)[0, 1])
 
 
-def test_vllm_and_transformers_agree(fresh: Workspace, reference, smollm2_dir: Path) -> None:
-    pytest.importorskip("vllm")
-    vllm_scorer = open_scorer(str(smollm2_dir), engine="vllm", top_k=5)
+def test_vllm_and_transformers_agree(fresh: Workspace, reference, vllm_scorer) -> None:
     score(fresh, vllm_scorer, where=SUBSET, progress=False)
     score(fresh, reference, where=SUBSET, progress=False)
     ours, ref = _tokens(fresh, vllm_scorer.key), _tokens(fresh, reference.key)

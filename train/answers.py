@@ -5,6 +5,9 @@ Styles, tried in this order by ``auto``:
 - ``boxed``: LaTeX ``\\boxed{...}`` (last one wins, nested braces handled)
 - ``answer-is``: "the answer is 18", "Answer: 18"
 - ``last-number``: the last number in the text
+
+``choice`` (multiple choice, never tried by ``auto``): "Answer: C", "the answer is (B)", ``\\boxed{D}``, or a
+line holding only the letter; an option number ("Answer: 2") is accepted too.
 """
 
 from __future__ import annotations
@@ -12,12 +15,18 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-STYLES = ("auto", "hash", "boxed", "answer-is", "last-number")
+STYLES = ("auto", "hash", "boxed", "answer-is", "last-number", "choice")
 
 _NUMBER = r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 _HASH = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
 _ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*:?\s*(.+?)(?:\.\s|\.?$|\n)", re.IGNORECASE)
 _LAST_NUMBER = re.compile(_NUMBER)
+_OPTION = r"\(?([A-J]|[1-9]\d?)\)?(?![\w])"  # an option letter (capital) or number, maybe in brackets
+_CHOICE_PATTERNS = (
+    re.compile(r"(?i:answer)\s*(?:(?i:is)|:)\s*:?\s*(?:(?i:option|choice)\s*)?\**\s*" + _OPTION),
+    re.compile(r"\\boxed\{\s*" + _OPTION + r"\s*\}"),
+    re.compile(r"^\W*" + _OPTION + r"\W*$", re.MULTILINE),
+)
 
 
 def extract_answer(text: str, style: str = "auto") -> str | None:
@@ -74,4 +83,12 @@ def _last_number(text: str) -> str | None:
     return found[-1] if found else None
 
 
-_EXTRACTORS = {"hash": _hash, "boxed": _boxed, "answer-is": _answer_is, "last-number": _last_number}
+def _choice(text: str) -> str | None:
+    for pattern in _CHOICE_PATTERNS:
+        found = pattern.findall(text)
+        if found:
+            return found[-1]
+    return None
+
+
+_EXTRACTORS = {"hash": _hash, "boxed": _boxed, "answer-is": _answer_is, "last-number": _last_number, "choice": _choice}

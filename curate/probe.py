@@ -1,0 +1,257 @@
+"""``curate probe``: the answer-entropy probe of complexity-aware fine-tuning (arXiv 2506.21220).
+
+The model is asked for the answer only (a template per answer kind), and the distribution of its first
+answer token is read at the last prompt position, through the same engine and output head as scoring:
+greedy token = argmax, entropy over the full vocabulary. The token is correct when it is the first token of
+the reference answer as the model would write it. How well low entropy predicts correctness is reported as
+the ROC AUC of (1 - H / max H), max H = log(vocab size), over the valid answers (the paper drops invalid
+ones; they are kept in the table, flagged). Resumable like scoring: rows carry a probe key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from curate import schema
+from train.chat_tokens import render
+from curate.prompt_templates import KINDS, PromptTemplate, kind_of, load_template
+from curate.score import Scorer
+from curate.score_tables import table_from_columns
+from curate.stream import count_pending, done_ids, example_shards, run_key
+from curate.workspace import Workspace
+
+_NUMERIC_START = re.compile(r"[-$]?\d+|[-$]")
+_CHOICE = re.compile(r"[A-J]")
+
+
+@dataclass
+class ProbeReport:
+    key: str
+    probed: int = 0
+    already_done: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    rows: int = 0  # all rows under this key, this run and earlier ones
+    valid: int = 0
+    correct: int = 0
+    roc_auc: float | None = None
+
+    def summary(self) -> str:
+        auc = f"{self.roc_auc:.3f}" if self.roc_auc is not None else "n/a (needs both correct and wrong answers)"
+        lines = [
+            f"probe key            {self.key}",
+            f"examples probed      {self.probed:>8,}  ({self.seconds:.1f} s)",
+            f"already probed       {self.already_done:>8,}",
+            f"skipped              {sum(self.skipped.values()):>8,}",
+            *(f"  {reason:<26}{count:>6,}" for reason, count in sorted(self.skipped.items())),
+            f"rows under this key  {self.rows:>8,}",
+            f"valid answers        {self.valid:>8,}",
+            f"correct first token  {self.correct:>8,}  ({self.correct / max(self.valid, 1):.1%} of valid)",
+            f"ROC AUC (1 - H/maxH) {auc}",
+        ]
+        return "\n".join(lines)
+
+
+def templates_for(template: str) -> dict[str, PromptTemplate]:
+    """``auto``: the numeric or choice template by each example's reference answer; else one for all."""
+    if template == "auto":
+        return {kind: load_template(kind, purpose="answer_only") for kind in KINDS}
+    return {"any": load_template(template, purpose="answer_only")}
+
+
+def probe_key(scorer: Scorer, templates: dict[str, PromptTemplate]) -> str:
+    return run_key({"scorer": scorer.key, "templates": {k: t.version for k, t in sorted(templates.items())}})
+
+
+def probe(
+    workspace: Workspace,
+    scorer: Scorer,
+    *,
+    template: str = "auto",
+    where: str | None = None,
+    shard_size: int = 256,
+    progress: bool = True,
+) -> ProbeReport:
+    """Probe every example with a reference answer (or those matching the SQL predicate ``where``)."""
+    templates = templates_for(template)
+    key = probe_key(scorer, templates)
+    report = ProbeReport(key)
+    done = done_ids(workspace, "probe_scores", "probe_key", key)
+    started = time.perf_counter()
+    bar = tqdm(total=count_pending(workspace, where, done), desc="probe", unit=" ex", disable=not progress, file=sys.stderr)
+    columns = ("example_id", "messages", "reference_answer")
+    for shard in example_shards(workspace, where, shard_size, columns):
+        pending = [row for row in shard if row["example_id"] not in done]
+        report.already_done += len(shard) - len(pending)
+        asked = [a for a in (_ask(scorer, templates, row, report) for row in pending) if a is not None]
+        if asked:
+            workspace.write_part("probe_scores", _probe_table(scorer, key, asked), schema=schema.PROBE_SCORES)
+            report.probed += len(asked)
+        bar.update(len(pending))
+    bar.close()
+    report.seconds = time.perf_counter() - started
+    _summarise(workspace, report)
+    workspace.write_manifest(
+        "probe",
+        {
+            "key": key, "model": scorer.model, **scorer.fingerprint.as_dict(), "engine": scorer.engine.name,
+            "templates": {k: {"name": t.name, "version": t.version, "text": t.text} for k, t in templates.items()},
+            "where": where,
+            "report": {k: v for k, v in vars(report).items() if k != "skipped"} | {"skipped": dict(report.skipped)},
+        },
+    )
+    return report
+
+
+@dataclass
+class _Asked:
+    example_id: str
+    template: PromptTemplate
+    prompt_ids: list[int]
+    reference_answer: str
+    expected_id: int
+    kind: str
+
+
+def _ask(scorer: Scorer, templates: dict[str, PromptTemplate], row: dict[str, Any], report: ProbeReport) -> _Asked | None:
+    reference = row["reference_answer"]
+    if reference is None or not reference.strip():
+        report.skipped["no_reference_answer"] += 1
+        return None
+    kind = kind_of(reference)
+    template = templates.get(kind) or templates["any"]
+    try:
+        messages = template.apply(row["messages"])
+    except ValueError:
+        report.skipped["no_user_turn"] += 1
+        return None
+    tokenizer = scorer.tokenizer
+    prompt = render(tokenizer, messages, generation_prompt=True) + template.prefill
+    prompt_ids = _encode(tokenizer, prompt)
+    if len(prompt_ids) >= scorer.engine.max_len:
+        report.skipped["longer_than_context"] += 1
+        return None
+    separator = " " if template.prefill and not template.prefill.endswith((" ", "\n")) else ""
+    answered = _encode(tokenizer, prompt + separator + reference.strip())
+    if answered[: len(prompt_ids)] == prompt_ids and len(answered) > len(prompt_ids):
+        answer_ids = answered[len(prompt_ids) :]
+    else:  # the answer merged with the prompt's last token: fall back to the answer tokenized alone
+        answer_ids = _encode(tokenizer, separator + reference.strip())
+    # A tokenizer that writes " 18" as " ", "1", "8" would make the probe read a space: whitespace-only
+    # tokens before the answer go into the prompt, so the probed token is the answer's first real one.
+    while len(answer_ids) > 1 and not tokenizer.decode([answer_ids[0]]).strip():
+        prompt_ids.append(answer_ids.pop(0))
+    expected = answer_ids[0]
+    return _Asked(row["example_id"], template, prompt_ids, reference.strip(), expected, kind)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def first_token_distribution(scorer: Scorer, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy (nats) and argmax token of the next-token distribution after each prompt."""
+    import torch
+
+    hidden = scorer.engine.hidden_states(prompts)
+    last = torch.stack([h[-1] for h in hidden]).to(scorer.head.weight.device)
+    with torch.inference_mode():
+        logp = scorer.head.logits(last).log_softmax(dim=-1)
+        entropy = -(logp.exp() * logp).sum(dim=-1)
+        greedy = logp.argmax(dim=-1)
+    return entropy.double().cpu().numpy(), greedy.cpu().numpy()
+
+
+def _probe_table(scorer: Scorer, key: str, asked: list[_Asked]) -> pa.Table:
+    entropy, greedy = first_token_distribution(scorer, [a.prompt_ids for a in asked])
+    texts = [scorer.tokenizer.decode([int(t)]) for t in greedy]
+    expected_texts = [scorer.tokenizer.decode([a.expected_id]) for a in asked]
+    valid = [_is_valid(text, a.kind) for text, a in zip(texts, asked)]
+    correct = [
+        bool(ok and (int(t) == a.expected_id or _same_answer_start(text, expected, a.kind)))
+        for ok, t, a, text, expected in zip(valid, greedy, asked, texts, expected_texts)
+    ]
+    n = len(asked)
+    columns = {
+        "example_id": [a.example_id for a in asked],
+        "probe_key": [key] * n,
+        "model": [scorer.model] * n,
+        "model_hash": [scorer.fingerprint.weights_hash] * n,
+        "engine": [scorer.engine.name] * n,
+        "template": [a.template.name for a in asked],
+        "template_version": [a.template.version for a in asked],
+        "n_prompt_tokens": [len(a.prompt_ids) for a in asked],
+        "entropy": entropy.tolist(),
+        "entropy_norm": (entropy / math.log(scorer.head.vocab_size)).tolist(),
+        "token_id": [int(t) for t in greedy],
+        "token_text": texts,
+        "reference_answer": [a.reference_answer for a in asked],
+        "expected_token_id": [a.expected_id for a in asked],
+        "is_valid": valid,
+        "is_correct": correct,
+    }
+    return table_from_columns(columns, schema.PROBE_SCORES)
+
+
+def _is_valid(text: str, kind: str) -> bool:
+    stripped = text.strip()
+    if kind == "choice":
+        return bool(_CHOICE.fullmatch(stripped.upper().strip("()")))
+    return bool(_NUMERIC_START.fullmatch(stripped))
+
+
+def _same_answer_start(text: str, expected: str, kind: str) -> bool:
+    """A leading space or bracket does not make a different answer: " 1" starts "18" as "1" does."""
+    a, b = text.strip().strip("()"), expected.strip().strip("()")
+    if kind == "choice":
+        a, b = a.upper(), b.upper()
+    return bool(a) and a == b
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve (probability a correct example outscores a wrong one; ties count half).
+
+    Mann-Whitney form with average ranks; None when one class is absent."""
+    values = np.asarray(scores, dtype=float)
+    positive = np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    sorted_values = values[order]
+    begin = 0
+    while begin < len(values):  # average rank over ties
+        end = begin
+        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[begin]:
+            end += 1
+        ranks[order[begin : end + 1]] = (begin + end) / 2 + 1
+        begin = end + 1
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _summarise(workspace: Workspace, report: ProbeReport) -> None:
+    """Accuracy and AUC over every row under the key (earlier runs included), valid answers only."""
+    parts = workspace.parts("probe_scores")
+    if not parts:
+        return
+    rows = pq.read_table(
+        [str(p) for p in parts], columns=["entropy_norm", "is_valid", "is_correct"], filters=[("probe_key", "=", report.key)]
+    )
+    report.rows = rows.num_rows
+    valid = np.asarray(rows.column("is_valid").to_pylist(), dtype=bool)
+    correct = np.asarray(rows.column("is_correct").to_pylist(), dtype=bool)[valid]
+    confidence = 1.0 - np.asarray(rows.column("entropy_norm").to_pylist(), dtype=float)[valid]
+    report.valid, report.correct = int(valid.sum()), int(correct.sum())
+    report.roc_auc = roc_auc(confidence, correct)

@@ -1,0 +1,204 @@
+"""The trainer on a tiny randomly initialised model with the real SmolLM2 tokenizer: the loss, masks,
+LoRA, golden first losses, EKSFT / Q-Tuning selection counts, data errors, and a merged calibrated
+checkpoint that reproduces the adapter in transformers and vLLM."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, write_parquet
+from train.chat_tokens import tokenize_chat
+from train.data import DataError, load_examples, read_table
+from train.objectives import eksft_mask, qtuning_samples, qtuning_tokens, token_stats
+from train.sft import TrainConfig, collate, load_model, run_calibrate, run_sft, train
+
+GOLDEN = REPO / "tests" / "golden" / "tiny_sft_first_losses.json"
+
+
+def _chats(count: int) -> list[dict]:
+    rows = []
+    for i in range(count):
+        a, b = i % 7 + 2, i % 5 + 3
+        rows.append({"example_id": f"e{i:03d}", "messages": [
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a} plus {b} is {a + b}.\n#### {a + b}"}],
+            "reference_answer": str(a + b)})
+    return rows
+
+
+@pytest.fixture
+def chats_parquet(tmp_path: Path) -> Path:
+    return write_parquet(tmp_path / "chats.parquet", _chats(16))
+
+
+def _config(data: Path, model: Path, out: Path, **options) -> TrainConfig:
+    defaults = {"lora_r": 8, "lr": 5e-3, "batch_size": 4, "epochs": 1.0, "max_len": 128, "seed": 0}
+    return TrainConfig(data=str(data), model=str(model), out=str(out), **(defaults | options))
+
+
+def test_loss_decreases_and_only_lora_weights_change(chats_parquet: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model, _, summary = train(_config(chats_parquet, tiny_model_dir, tmp_path, epochs=6), progress=False)
+    losses = [r["loss"] for r in summary["log"]]
+    assert len(losses) == 24 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5  # nats
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    changed_lora, frozen_same = 0, 0
+    for name, value in model.state_dict().items():
+        if "lora_B" in name:
+            changed_lora += int(value.abs().sum() > 0)  # lora_B starts at zero
+        elif "lora_" not in name:
+            base_name = name.replace("base_model.model.", "").replace("base_layer.", "")
+            assert torch.equal(value, before[base_name]), name
+            frozen_same += 1
+    assert changed_lora == 2 * 7 and frozen_same > 10  # 7 projections per layer, 2 layers
+
+
+def test_masked_tokens_contribute_nothing_to_the_gradient(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Our masked loss == transformers' own loss with labels -100 at the masked tokens, gradients included."""
+    config = _config(tmp_path, tiny_model_dir, tmp_path, lora_r=0)
+    model, tokenizer = load_model(config)
+    rows = _chats(3)
+    table = __import__("pyarrow").Table.from_pylist(rows)
+    examples, _ = load_examples(table, tokenizer, max_len=128, source="test")
+    examples[1].targets[-5:] = [False] * 5  # mask the last five trained tokens of one example
+    batch = collate(examples, tokenizer.pad_token_id)
+    stats = token_stats(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["input_ids"])
+    ours = (stats.nll * batch["targets"].float()).sum() / batch["targets"].sum()
+    ours.backward()
+    ours_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    labels = batch["input_ids"].masked_fill(~batch["targets"], -100)
+    reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    reference.backward()
+    assert float(ours.detach()) == pytest.approx(float(reference.detach()), abs=1e-5)
+    for mine, theirs in zip(ours_grads, (p.grad for p in model.parameters())):
+        assert torch.allclose(mine, theirs, atol=1e-6)
+
+
+def test_golden_first_losses(chats_parquet: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    _, _, summary = train(_config(chats_parquet, tiny_model_dir, tmp_path, max_steps=3), progress=False)
+    losses = [round(r["loss"], 5) for r in summary["log"]]
+    if not GOLDEN.exists():  # first run on a new recipe: record, and say so
+        GOLDEN.write_text(json.dumps({"losses": losses, "torch": torch.__version__}, indent=2) + "\n")
+        pytest.skip(f"recorded golden losses {losses} in {GOLDEN}; commit them")
+    golden = json.loads(GOLDEN.read_text())["losses"]
+    assert losses == pytest.approx(golden, abs=2e-4)
+
+
+def test_eksft_masks_the_union_of_top_entropy_and_top_kl() -> None:
+    generator = torch.Generator().manual_seed(0)
+    entropy, kl = torch.rand(4, 30, generator=generator), torch.rand(4, 30, generator=generator)
+    targets = torch.rand(4, 30, generator=generator) > 0.3
+    keep = eksft_mask(entropy, kl, targets, ratio=0.2)
+    n = int(targets.sum())
+    k = math.ceil(0.2 * n)
+    flat = targets.reshape(-1).nonzero()[:, 0]
+    top = set(flat[entropy.reshape(-1)[flat].topk(k).indices].tolist()) | set(flat[kl.reshape(-1)[flat].topk(k).indices].tolist())
+    dropped = set((targets & ~keep).reshape(-1).nonzero()[:, 0].tolist())
+    assert dropped == top and k <= len(dropped) <= 2 * k
+    assert not (keep & ~targets).any()  # never trains a token that was not a target
+    same = eksft_mask(entropy, entropy, targets, ratio=0.2)  # identical rankings: exactly k dropped
+    assert int((targets & ~same).sum()) == k
+
+
+def test_qtuning_keeps_the_ratios() -> None:
+    generator = torch.Generator().manual_seed(1)
+    for size, r_sample in ((16, 0.25), (16, 0.5), (10, 0.3), (32, 0.7)):
+        ppl = torch.rand(size, generator=generator) * 10 + 1
+        entropy = torch.rand(size, generator=generator) * 3
+        q2, q4 = qtuning_samples(ppl, entropy, r_sample=r_sample)
+        assert int((q2 | q4).sum()) == round(r_sample * size) and not (q2 & q4).any()
+    nll = torch.rand(3, 20, generator=generator)
+    targets = torch.zeros(3, 20, dtype=torch.bool)
+    targets[:, 5:] = True
+    q2 = torch.tensor([True, False, True])
+    keep = qtuning_tokens(nll, targets, q2, r_token=0.4, smoothing=0.5)
+    assert keep.sum(dim=1).tolist() == [6, 0, 6]  # ceil(0.4 x 15) in each Q2 sample, none elsewhere
+    assert not (keep & ~targets).any()
+
+
+@pytest.mark.parametrize("method", ["eksft", "qtuning"])
+def test_online_methods_log_what_they_keep(method: str, chats_parquet: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    summary = run_sft(_config(chats_parquet, tiny_model_dir, tmp_path / method, method=method, max_steps=2, r_sample=0.5), progress=False)
+    for record in summary["log"]:
+        assert 0 < record["kept_tokens"] < record["targets"]
+        if method == "eksft":
+            k = math.ceil(0.2 * record["targets"])
+            assert record["targets"] - 2 * k <= record["kept_tokens"] <= record["targets"] - k
+        else:
+            assert record["q2"] + record["q4"] == 2 and record["dropped_samples"] == 2  # half of 4 samples
+    out = tmp_path / method
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "loss_curve.png").stat().st_size > 1000
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((out / "train_config.json").read_text())["config"]["method"] == method
+
+
+def test_bad_training_data_is_named(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with pytest.raises(DataError, match="missing column"):
+        read_table(write_parquet(tmp_path / "a.parquet", [{"text": "hello"}]))
+    row = _chats(1)[0]
+    n = len(tokenize_chat(tokenizer, row["messages"]))
+    cases = [
+        ({"loss_mask": [1] * (n - 2)}, f"loss_mask has {n - 2} entries but the tokenized example has {n} tokens"),
+        ({"loss_mask": [0] * n}, "all zero"),
+        ({"loss_mask": [1] * n, "input_ids": list(range(n))}, "another tokenizer"),
+    ]
+    for extra, message in cases:
+        good = {**_chats(2)[1], "loss_mask": [1] * len(tokenize_chat(tokenizer, _chats(2)[1]["messages"]))}
+        if "input_ids" in extra:
+            good["input_ids"] = tokenize_chat(tokenizer, good["messages"]).token_ids
+        table = read_table(write_parquet(tmp_path / "b.parquet", [good, {**row, **extra}]))
+        with pytest.raises(DataError, match=message) as err:
+            load_examples(table, tokenizer, max_len=128, source="b.parquet")
+        assert "b.parquet row 2 (example_id e000)" in str(err.value)
+
+
+def test_loss_mask_and_weight_are_honoured(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = _chats(1)[0]
+    n = len(tokenize_chat(tokenizer, row["messages"]))
+    mask = [0] * (n - 3) + [1, 1, 1]
+    table = read_table(write_parquet(tmp_path / "m.parquet", [{**row, "loss_mask": mask, "weight": 2.5}]))
+    (example,), _ = load_examples(table, tokenizer, max_len=128, source="m.parquet")
+    assert example.targets == [bool(v) for v in mask] and example.weight == 2.5
+
+
+@pytest.mark.model
+def test_calibrated_checkpoint_reproduces_the_adapter(chats_parquet: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "calibrated"
+    config = _config(chats_parquet, tiny_model_dir, out, fraction=0.5, epochs=2)
+    model, tokenizer, _ = train(config, progress=False)  # the adapter, before merging
+    model.save_pretrained(tmp_path / "adapter")
+    run_calibrate(config, progress=False)  # same seed and data: the same adapter, merged and saved
+    ids = torch.tensor([tokenize_chat(tokenizer, _chats(20)[19]["messages"]).token_ids])
+    with torch.no_grad():
+        adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter").eval()
+        adapter_logp = adapter(ids).logits[0].log_softmax(-1)
+        merged_logp = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits[0].log_softmax(-1)
+        base_logp = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(ids).logits[0].log_softmax(-1)
+    assert (adapter_logp - merged_logp).abs().max() < 1e-4
+    assert (adapter_logp - base_logp).abs().max() > 1e-2  # the calibration did change the model
+    pytest.importorskip("vllm")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(str(out), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1, max_model_len=512)
+    result = llm.generate([TokensPrompt(prompt_token_ids=ids[0].tolist())], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    prompt_logprobs = result[0].prompt_logprobs
+    for t in range(1, ids.shape[1]):
+        token = int(ids[0, t])
+        assert prompt_logprobs[t][token].logprob == pytest.approx(float(adapter_logp[t - 1, token]), abs=2e-3)

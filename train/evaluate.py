@@ -1,0 +1,135 @@
+"""``train eval``: mean answer NLL on held-out examples (teacher-forced, response tokens) and exact-match
+accuracy of greedy generations, with the same answer extraction as curate's traces (train.answers).
+
+A LoRA adapter directory (``adapter_config.json``) is loaded on its base model; for vLLM it is merged into
+a temporary checkpoint first (vLLM's LoRA path is not used: with prompt log-probs it is buggy upstream).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.answers import extract_answer, normalize_answer
+from train.chat_tokens import render, tokenize_chat
+from train.data import read_table
+from train.objectives import token_stats
+
+ENGINES = ("auto", "vllm", "transformers")
+
+
+def load_for_eval(model: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(model)
+    if (directory / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), directory).merge_and_unload()
+    else:
+        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return loaded.to(device).eval(), tokenizer
+
+
+def answer_nll(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *, max_len: int) -> list[float]:
+    """Mean NLL of each conversation's response tokens (assistant content + end-of-turn)."""
+    means = []
+    for messages in conversations:
+        chat = tokenize_chat(tokenizer, messages)
+        ids = torch.tensor([chat.token_ids[:max_len]], device=model.device)
+        targets = torch.tensor(chat.is_response[:max_len], device=model.device)
+        targets[0] = False
+        with torch.inference_mode():
+            nll = token_stats(model(input_ids=ids).logits, ids).nll[0]
+        means.append(float(nll[targets].mean()) if bool(targets.any()) else float("nan"))
+    return means
+
+
+def prompts_of(conversations: list[list[dict[str, str]]]) -> list[list[dict[str, str]]]:
+    prompts = []
+    for messages in conversations:
+        turns = list(messages)
+        while turns and turns[-1]["role"] == "assistant":
+            turns.pop()
+        prompts.append(turns)
+    return prompts
+
+
+def generate_greedy(model_dir: str, model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *, max_new_tokens: int, engine: str) -> tuple[list[str], str]:
+    texts = [render(tokenizer, p, generation_prompt=True) for p in prompts]
+    use_vllm = engine == "vllm" or (engine == "auto" and _has_vllm())
+    if use_vllm:
+        return _generate_vllm(model_dir, model, tokenizer, texts, max_new_tokens), "vllm"
+    return _generate_transformers(model, tokenizer, texts, max_new_tokens), "transformers"
+
+
+def _has_vllm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _generate_vllm(model_dir: str, model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int) -> list[str]:
+    import os
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    with tempfile.TemporaryDirectory() as merged:
+        path = model_dir
+        if (Path(model_dir) / "adapter_config.json").is_file():
+            model.save_pretrained(merged)
+            tokenizer.save_pretrained(merged)
+            path = merged
+        llm = LLM(path, dtype="float32", max_model_len=2048, gpu_memory_utilization=0.85 if on_gpu else 0.2, enforce_eager=not on_gpu)
+        prompts = [TokensPrompt(prompt_token_ids=tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
+        del llm
+    return [o.outputs[0].text for o in outputs]
+
+
+def _generate_transformers(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int, batch: int = 16) -> list[str]:
+    tokenizer.padding_side = "left"
+    results = []
+    for begin in range(0, len(texts), batch):
+        encoded = tokenizer(texts[begin : begin + batch], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        with torch.inference_mode():
+            out = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        results += tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+    return results
+
+
+def evaluate(model: str, data: str, *, split: str | None = None, limit: int | None = None, max_new_tokens: int = 256,
+             engine: str = "auto", max_len: int = 2048) -> dict[str, Any]:
+    started = time.perf_counter()
+    table = read_table(data, split=split, limit=limit)
+    conversations = table.column("messages").to_pylist()
+    references = table.column("reference_answer").to_pylist() if "reference_answer" in table.column_names else [None] * table.num_rows
+    loaded, tokenizer = load_for_eval(model)
+    nll = answer_nll(loaded, tokenizer, conversations, max_len=max_len)
+    metrics: dict[str, Any] = {"model": model, "data": data, "split": split, "examples": table.num_rows,
+                               "mean_answer_nll": sum(nll) / len(nll) if nll else None}
+    checked = [(p, r) for p, r in zip(prompts_of(conversations), references) if r is not None]
+    if checked:
+        completions, used = generate_greedy(model, loaded, tokenizer, [p for p, _ in checked], max_new_tokens=max_new_tokens, engine=engine)
+        answers = [extract_answer(text) for text in completions]
+        correct = [a is not None and a == normalize_answer(r) for a, (_, r) in zip(answers, checked)]
+        metrics |= {"accuracy": sum(correct) / len(correct), "with_reference": len(checked), "correct": sum(correct),
+                    "no_answer": sum(a is None for a in answers), "generation_engine": used, "max_new_tokens": max_new_tokens}
+    else:
+        metrics |= {"accuracy": None, "with_reference": 0}
+    metrics["seconds"] = time.perf_counter() - started
+    return metrics

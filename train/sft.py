@@ -1,0 +1,246 @@
+"""The SFT recipe, top to bottom: setup, loop, save. Plain SFT, or the online EKSFT / Q-Tuning token and
+sample selection (train.objectives), with LoRA (peft) or full fine-tuning, on CPU or CUDA.
+
+Loss: the sum over trained tokens of weight × NLL, divided by the number of trained tokens in the whole
+optimizer step (every micro-batch of the gradient accumulation), so accumulation never changes the scale.
+The online methods decide their masks after the forward pass, so gradients are summed unscaled and divided
+by the step's kept-token count just before the optimizer step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from train.data import TrainExample, load_examples, read_table, sample_fraction
+from train.objectives import eksft_mask, kl_to_reference, qtuning_samples, qtuning_tokens, sample_ppl_and_entropy, token_stats
+
+METHODS = ("sft", "eksft", "qtuning")
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    model: str
+    out: str
+    method: str = "sft"
+    lora_r: int = 16  # 0 = full fine-tuning
+    epochs: float = 1.0
+    lr: float = 2e-4
+    max_len: int = 1024
+    batch_size: int = 8  # examples per micro-batch (the unit EKSFT and Q-Tuning select within)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int | None = None
+    eksft_ratio: float = 0.2  # EKSFT: share of target tokens in the top-k by entropy and by KL
+    r_sample: float = 0.5  # Q-Tuning: share of samples kept (Q2 ∪ Q4)
+    r_token: float = 0.5  # Q-Tuning: share of tokens kept inside Q2 samples
+    smoothing: float = 0.5  # Q-Tuning: λ, the weight of the neighbours in the token score
+    split: str | None = None  # keep only rows of this split (a `split` column, as in curate's examples)
+    limit: int | None = None  # first N rows only
+    fraction: float | None = None  # random share of rows (calibration's warm-up slice)
+    bf16: bool = False  # bfloat16 autocast (about 2x faster on AVX-512 CPUs and on GPUs)
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name in ("eksft_ratio", "r_sample", "r_token", "smoothing"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(config: TrainConfig) -> tuple[Any, Any]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).to(device())
+    if config.lora_r:
+        lora = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    return model, tokenizer
+
+
+def batches(examples: list[TrainExample], config: TrainConfig) -> list[list[list[TrainExample]]]:
+    """Steps of micro-batches for every epoch, shuffled by the seed (a fractional last epoch is cut)."""
+    rng = random.Random(config.seed)
+    steps: list[list[list[TrainExample]]] = []
+    per_step = config.batch_size * config.grad_accum
+    total_examples = math.ceil(len(examples) * config.epochs)
+    stream: list[TrainExample] = []
+    while len(stream) < total_examples:
+        order = examples[:]
+        rng.shuffle(order)
+        stream += order
+    stream = stream[:total_examples]
+    for begin in range(0, len(stream), per_step):
+        chunk = stream[begin : begin + per_step]
+        steps.append([chunk[i : i + config.batch_size] for i in range(0, len(chunk), config.batch_size)])
+    return steps[: config.max_steps] if config.max_steps else steps
+
+
+def collate(micro: list[TrainExample], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in micro)
+    ids = torch.full((len(micro), width), pad_id, dtype=torch.long)
+    attention = torch.zeros(len(micro), width, dtype=torch.long)
+    targets = torch.zeros(len(micro), width, dtype=torch.bool)
+    for row, example in enumerate(micro):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        attention[row, :n] = 1
+        targets[row, :n] = torch.tensor(example.targets)
+    weights = torch.tensor([e.weight for e in micro], dtype=torch.float32)
+    return {"input_ids": ids.to(device()), "attention_mask": attention.to(device()), "targets": targets.to(device()), "weights": weights.to(device())}
+
+
+def select_targets(config: TrainConfig, model: Any, reference: Any, batch: dict[str, torch.Tensor], stats: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    """The tokens this micro-batch trains on, by the method, and what was dropped (for the log)."""
+    targets = batch["targets"]
+    n_targets = int(targets.sum())
+    if config.method == "eksft":
+        with torch.no_grad(), _autocast(config):
+            if reference is None:  # LoRA: the frozen initial model is the base without its adapter
+                with model.disable_adapter():
+                    reference_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            else:
+                reference_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        kl = kl_to_reference(stats.log_probs.detach(), reference_logits)
+        keep = eksft_mask(stats.entropy, kl, targets, ratio=config.eksft_ratio)
+        return keep, {"targets": n_targets, "kept_tokens": int(keep.sum()), "mean_kl": float(kl[targets].mean())}
+    if config.method == "qtuning":
+        ppl, entropy = sample_ppl_and_entropy(stats.nll, stats.entropy, targets)
+        q2, q4 = qtuning_samples(ppl, entropy, r_sample=config.r_sample)
+        keep = qtuning_tokens(stats.nll, targets, q2, r_token=config.r_token, smoothing=config.smoothing)
+        keep |= targets & q4[:, None]
+        return keep, {"targets": n_targets, "kept_tokens": int(keep.sum()), "q2": int(q2.sum()), "q4": int(q4.sum()),
+                      "dropped_samples": int((~(q2 | q4)).sum())}
+    return targets, {"targets": n_targets, "kept_tokens": n_targets}
+
+
+def _autocast(config: TrainConfig):
+    return torch.autocast(device_type=device(), dtype=torch.bfloat16, enabled=config.bf16)
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> tuple[Any, Any, dict[str, Any]]:
+    """Run the recipe; returns (model, tokenizer, summary). Writes nothing (see ``run_sft``)."""
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model, tokenizer = load_model(config)
+    reference = None
+    if config.method == "eksft" and not config.lora_r:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen initial model
+    table = read_table(config.data, split=config.split, limit=config.limit)
+    if config.fraction is not None:
+        table = sample_fraction(table, config.fraction, seed=config.seed)
+    examples, load_report = load_examples(table, tokenizer, max_len=config.max_len, source=config.data)
+    steps = batches(examples, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / max(len(steps), 1)))
+    model.train()
+    log: list[dict[str, Any]] = []
+    started, tokens_seen = time.perf_counter(), 0
+    bar = tqdm(steps, desc=f"train {config.method}", unit=" step", disable=not progress, file=sys.stderr)
+    for step, micro_batches in enumerate(bar, start=1):
+        loss_sum, kept, record = 0.0, 0, {"step": step}
+        for micro in micro_batches:
+            batch = collate(micro, tokenizer.pad_token_id)
+            with _autocast(config):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            stats = token_stats(logits, batch["input_ids"])
+            keep, info = select_targets(config, model, reference, batch, stats)
+            token_weight = keep.float() * batch["weights"][:, None]
+            loss = (stats.nll * token_weight).sum()
+            loss.backward()
+            loss_sum += float(loss.detach())
+            kept += int(keep.sum())
+            tokens_seen += int(batch["attention_mask"].sum())
+            for name, value in info.items():
+                record[name] = record.get(name, 0) + value if name != "mean_kl" else value
+        for parameter in trainable:
+            if parameter.grad is not None:
+                parameter.grad /= max(kept, 1)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - started
+        record |= {"loss": loss_sum / max(kept, 1), "lr": scheduler.get_last_lr()[0], "seconds": elapsed,
+                   "tokens_per_s": tokens_seen / elapsed}
+        log.append(record)
+        bar.set_postfix_str(f"loss {record['loss']:.3f}, {record['tokens_per_s']:,.0f} tok/s")
+    bar.close()
+    model.eval()
+    summary = {"steps": len(log), "examples": len(examples), "load": asdict(load_report), "seconds": time.perf_counter() - started,
+               "tokens_seen": tokens_seen, "first_loss": log[0]["loss"] if log else None, "last_loss": log[-1]["loss"] if log else None,
+               "log": log}
+    return model, tokenizer, summary
+
+
+def run_sft(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train and write: the adapter (LoRA) or model (full), the resolved config, metrics.jsonl, loss_curve.png."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer, summary = train(config, progress=progress)
+    target = out / ("adapter" if config.lora_r else "model")
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    write_run_files(out, config, summary)
+    return summary | {"saved": str(target)}
+
+
+def write_run_files(out: Path, config: TrainConfig, summary: dict[str, Any]) -> None:
+    (out / "train_config.json").write_text(json.dumps({"config": asdict(config), "device": device(), "torch": torch.__version__,
+                                                      **{k: v for k, v in summary.items() if k != "log"}}, indent=2) + "\n")
+    with open(out / "metrics.jsonl", "w") as handle:
+        for record in summary["log"]:
+            handle.write(json.dumps(record) + "\n")
+    plot_losses(summary["log"], out / "loss_curve.png", title=f"{config.method} on {Path(config.data).name}")
+
+
+def plot_losses(log: list[dict[str, Any]], path: Path, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.plot([r["step"] for r in log], [r["loss"] for r in log], marker="." if len(log) < 50 else None)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("mean NLL of trained tokens")
+    axes.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def run_calibrate(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+    """InstructDiff's calibrated model: LoRA SFT on a random warm-up slice, merged into a normal checkpoint
+    (config + safetensors + tokenizer) that vLLM and transformers both load."""
+    if not config.lora_r:
+        raise ValueError("calibration merges a LoRA adapter: use --lora-r > 0")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer, summary = train(config, progress=progress)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    write_run_files(out, config, summary)
+    return summary | {"saved": str(out)}

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from children import peak_rss_mb, run_child
 
 PATHS = ("plain-generate", "ours-vllm")
 
@@ -76,8 +76,7 @@ def child(path: str, count: int, max_tokens: int) -> None:
 
     with tempfile.TemporaryDirectory() as workdir:
         seconds, generated = run_path(path, count, max_tokens, Path(workdir))
-    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    print(json.dumps({"path": path, "generated": generated, "seconds": seconds, "peak_rss_mb": rss / 1024}))
+    print(json.dumps({"path": path, "generated": generated, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}))
 
 
 def main() -> None:
@@ -90,15 +89,12 @@ def main() -> None:
     if args.child:
         child(args.child, args.prompts, args.max_tokens)
         return
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TQDM_DISABLE": "1"}
     results = []
     for path in args.paths:
-        command = [sys.executable, __file__, "--child", path, "--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens)]
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            print(f"{path} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+        result = run_child(__file__, [path, "--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens)], label=path)
+        if result is None:
             continue
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        results.append(result)
         print(f"  {path}: {results[-1]['generated'] / results[-1]['seconds']:,.1f} generated tokens/s", file=sys.stderr)
     base = next((r["generated"] / r["seconds"] for r in results if r["path"] == "plain-generate"), None)
     print(f"\nSmolLM2-135M-Instruct, {args.prompts} GSM8K prompts, max {args.max_tokens} new tokens, greedy, float32, {os.cpu_count()} CPUs\n")

@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
+
+from children import peak_rss_mb, run_child
 
 PATHS = ("plain-loop", "ours-transformers", "ours-vllm", "vllm-prompt-logprobs")
 
@@ -95,8 +95,7 @@ def bf16_ceiling_tokens_per_s(params: int) -> tuple[float, float]:
 def child(path: str, count: int, dtype: str) -> None:
     sequences = chats(count)
     seconds = run_path(path, sequences, dtype)
-    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    print(json.dumps({"path": path, "tokens": sum(map(len, sequences)), "seconds": seconds, "peak_rss_mb": rss / 1024}))
+    print(json.dumps({"path": path, "tokens": sum(map(len, sequences)), "seconds": seconds, "peak_rss_mb": peak_rss_mb()}))
 
 
 def main() -> None:
@@ -109,15 +108,12 @@ def main() -> None:
     if args.child:
         child(args.child, args.examples, args.dtype)
         return
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TQDM_DISABLE": "1"}
     results = []
     for path in args.paths:
-        command = [sys.executable, __file__, "--child", path, "--examples", str(args.examples), "--dtype", args.dtype]
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            print(f"{path} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+        result = run_child(__file__, [path, "--examples", str(args.examples), "--dtype", args.dtype], label=path)
+        if result is None:
             continue
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        results.append(result)
         print(f"  {path}: {results[-1]['tokens'] / results[-1]['seconds']:,.0f} tokens/s", file=sys.stderr)
     gflops, ceiling = bf16_ceiling_tokens_per_s(134_515_008)
     base = next((r["tokens"] / r["seconds"] for r in results if r["path"] == "plain-loop"), None)

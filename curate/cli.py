@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score(verbs)
     _add_probe(verbs)
     _add_generate(verbs)
+    _add_select(verbs)
+    _add_recipes(verbs)
+    _add_export(verbs)
+    _add_plot(verbs)
     _add_models(verbs)
     return parser
 
@@ -53,6 +57,13 @@ def _verb(verbs: argparse._SubParsersAction, name: str, summary: str, example: s
     )
     parser.set_defaults(handler=handler)
     return parser
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    from curate.engines import DTYPES, ENGINES
+
+    parser.add_argument("--engine", choices=ENGINES, default="vllm", help="vllm (production) or transformers (reference)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model and head precision (default float32)")
 
 
 def _workspace_arg(parser: argparse.ArgumentParser) -> None:
@@ -197,8 +208,6 @@ def _sql_shell(args: argparse.Namespace) -> int:
 
 
 def _add_score(verbs: argparse._SubParsersAction) -> None:
-    from curate.engines import DTYPES, ENGINES
-
     parser = _verb(
         verbs,
         "score",
@@ -213,8 +222,7 @@ def _add_score(verbs: argparse._SubParsersAction) -> None:
     models = parser.add_mutually_exclusive_group(required=True)
     models.add_argument("--model", help="bundled alias (smollm2), local checkpoint directory, or hub id")
     models.add_argument("--pair", nargs=2, metavar=("BASE", "CALIBRATED"), help="score two models on the same tokens")
-    parser.add_argument("--engine", choices=ENGINES, default="vllm", help="vllm (production) or transformers (reference)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model and head precision (default float32)")
+    _engine_args(parser)
     parser.add_argument("--top-k", type=int, default=5, help="alternatives kept per token (default 5)")
     parser.add_argument("--where", help="SQL predicate on examples, e.g. \"split = 'pool'\"")
     parser.add_argument("--ifd", action="store_true", help="also score each response without its instruction (IFD)")
@@ -242,8 +250,6 @@ def _run_score(args: argparse.Namespace) -> int:
 
 
 def _add_probe(verbs: argparse._SubParsersAction) -> None:
-    from curate.engines import DTYPES, ENGINES
-
     parser = _verb(
         verbs,
         "probe",
@@ -256,8 +262,7 @@ def _add_probe(verbs: argparse._SubParsersAction) -> None:
     )
     _workspace_arg(parser)
     parser.add_argument("--model", required=True, help="bundled alias (smollm2), local checkpoint directory, or hub id")
-    parser.add_argument("--engine", choices=ENGINES, default="vllm", help="vllm (production) or transformers (reference)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model and head precision (default float32)")
+    _engine_args(parser)
     parser.add_argument(
         "--template",
         default="auto",
@@ -338,6 +343,116 @@ def _run_generate(args: argparse.Namespace) -> int:
         student = open_scorer(args.student, engine=args.student_engine, top_k=0)
     chosen = choose_best(args.workspace, report.key, rule=args.choose, student=student)
     print(f"best-of-{args.n} ({args.choose}): one trace for each of {chosen:,} examples -> best_traces")
+    return 0
+
+
+# ---- select -------------------------------------------------------------------------------------------------
+
+
+def _add_select(verbs: argparse._SubParsersAction) -> None:
+    parser = _verb(
+        verbs,
+        "select",
+        "Run a SQL recipe (a name from `curate recipes`, or your own .sql file) over the workspace, audit the rows "
+        "(unique ids that exist, masks as long as their tokens, never all zero, end-of-turn token trained) and "
+        "write them to selections/NAME with a manifest (SQL and hash, parameters, input fingerprints, counts).",
+        "curate select instructdiff --workspace ws --param base_key=KEY --param calibrated_key=KEY2 --name idiff",
+        _run_select,
+    )
+    parser.add_argument("recipe", help="recipe name (sql/recipes/NAME.sql) or path to a .sql file")
+    _workspace_arg(parser)
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a recipe parameter (repeatable)")
+    parser.add_argument("--name", help="selection name (default: the recipe's name)")
+    parser.add_argument("--dry-run", action="store_true", help="run the recipe and the audits, print the counts, write nothing")
+
+
+def _run_select(args: argparse.Namespace) -> int:
+    from curate.recipes import load_recipe
+    from curate.select import select
+
+    recipe = load_recipe(args.recipe)
+    params = {}
+    for pair in args.param:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param expects NAME=VALUE, got {pair!r}")
+        params[key] = value
+    report = select(args.workspace, recipe, name=args.name or recipe.name, params=params, dry_run=args.dry_run)
+    print(report.summary())
+    return 0
+
+
+def _add_recipes(verbs: argparse._SubParsersAction) -> None:
+    _verb(verbs, "recipes", "List the shipped SQL recipes (sql/recipes/) with their parameters and defaults.",
+          "curate recipes", _run_recipes)
+
+
+def _run_recipes(args: argparse.Namespace) -> int:
+    from curate.recipes import RECIPE_DIR, load_recipe
+
+    for path in sorted(RECIPE_DIR.glob("*.sql")):
+        recipe = load_recipe(path)
+        print(f"{recipe.name}\n  {recipe.description}")
+        for parameter in recipe.parameters.values():
+            default = "required" if parameter.default is None else f"default {parameter.default}"
+            print(f"    --param {parameter.name}=...  ({default}) {parameter.description}")
+    return 0
+
+
+# ---- export -------------------------------------------------------------------------------------------------
+
+
+def _add_export(verbs: argparse._SubParsersAction) -> None:
+    from curate.export import FORMATS
+
+    parser = _verb(
+        verbs,
+        "export",
+        "Write a selection for another trainer: trl (messages, or input_ids + labels with -100 where masked), "
+        "axolotl (input_ids, attention_mask, labels + a config snippet), llamafactory (ShareGPT JSON + "
+        "dataset_info.json), jsonl (plain chat). Default folder: WORKSPACE/exports/NAME/FORMAT.",
+        "curate export qtuning_offline --workspace ws --format trl --model smollm2",
+        _run_export,
+    )
+    parser.add_argument("name", help="selection name (selections/NAME)")
+    _workspace_arg(parser)
+    parser.add_argument("--format", dest="fmt", choices=FORMATS, required=True)
+    parser.add_argument("--model", help="tokenizer for the tokenized formats: the model the scores came from")
+    parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--drop-masks", action="store_true", help="allow a masked selection in a chat format (masks are lost)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from curate.export import export
+
+    target = export(args.workspace, args.name, args.fmt, out=args.out, model=args.model, drop_masks=args.drop_masks)
+    print(f"exported selection {args.name} as {args.fmt} to {target}")
+    return 0
+
+
+# ---- plot ---------------------------------------------------------------------------------------------------
+
+
+def _add_plot(verbs: argparse._SubParsersAction) -> None:
+    parser = _verb(
+        verbs,
+        "plot",
+        "Write PNGs: the error-uncertainty plane coloured by quadrant (plane.png), NLL and entropy histograms "
+        "(histograms.png), and the answer-entropy probe's ROC curve (probe_roc.png). Default folder: WORKSPACE/plots.",
+        "curate plot --workspace ws",
+        _run_plot,
+    )
+    _workspace_arg(parser)
+    parser.add_argument("--score-key", help="which scoring run (needed when the workspace holds several)")
+    parser.add_argument("--probe-key", help="which probe run (needed when the workspace holds several)")
+    parser.add_argument("--out", type=Path, help="output folder")
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from curate.plot import plot
+
+    for path in plot(args.workspace, score_key=args.score_key, probe_key=args.probe_key, out=args.out):
+        print(path)
     return 0
 
 

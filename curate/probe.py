@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from curate import schema
 from train.chat_tokens import render
-from curate.prompt_templates import KINDS, PromptTemplate, kind_of, load_template
+from curate.prompt_templates import PromptTemplate, pick, templates_for
 from curate.score import Scorer
 from curate.score_tables import table_from_columns
 from curate.stream import count_pending, done_ids, example_shards, run_key
@@ -63,13 +63,6 @@ class ProbeReport:
         return "\n".join(lines)
 
 
-def templates_for(template: str) -> dict[str, PromptTemplate]:
-    """``auto``: the numeric or choice template by each example's reference answer; else one for all."""
-    if template == "auto":
-        return {kind: load_template(kind, purpose="answer_only") for kind in KINDS}
-    return {"any": load_template(template, purpose="answer_only")}
-
-
 def probe_key(scorer: Scorer, templates: dict[str, PromptTemplate]) -> str:
     return run_key({"scorer": scorer.key, "templates": {k: t.version for k, t in sorted(templates.items())}})
 
@@ -84,7 +77,7 @@ def probe(
     progress: bool = True,
 ) -> ProbeReport:
     """Probe every example with a reference answer (or those matching the SQL predicate ``where``)."""
-    templates = templates_for(template)
+    templates = templates_for(template, purpose="answer_only")
     key = probe_key(scorer, templates)
     report = ProbeReport(key)
     done = done_ids(workspace, "probe_scores", "probe_key", key)
@@ -129,8 +122,7 @@ def _ask(scorer: Scorer, templates: dict[str, PromptTemplate], row: dict[str, An
     if reference is None or not reference.strip():
         report.skipped["no_reference_answer"] += 1
         return None
-    kind = kind_of(reference)
-    template = templates.get(kind) or templates["any"]
+    kind, template = pick(templates, reference)
     try:
         messages = template.apply(row["messages"])
     except ValueError:

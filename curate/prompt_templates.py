@@ -70,6 +70,19 @@ def load_template(spec: str, *, purpose: str) -> PromptTemplate:
     return PromptTemplate(spec, text)
 
 
+def templates_for(spec: str, *, purpose: str) -> dict[str, PromptTemplate]:
+    """``auto``: one template per kind, picked per example by its reference answer; else one for all."""
+    if spec == "auto":
+        return {kind: load_template(kind, purpose=purpose) for kind in KINDS}
+    return {"any": load_template(spec, purpose=purpose)}
+
+
+def pick(templates: dict[str, PromptTemplate], reference_answer: str | None) -> tuple[str, PromptTemplate]:
+    """The answer kind of an example and the template that asks it."""
+    kind = kind_of(reference_answer)
+    return kind, templates.get(kind) or templates["any"]
+
+
 def kind_of(reference_answer: str | None) -> str:
     """``choice`` when the reference answer is a single option letter, else ``numeric``."""
     return "choice" if reference_answer is not None and _LETTER.fullmatch(reference_answer.strip()) else "numeric"

@@ -9,6 +9,8 @@ from train.answers import extract_answer, normalize_answer
         ("She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18", "hash", "18"),
         ("Total is 1,000 dollars\n#### 1,000", "hash", "1000"),
         ("#### 5\nlater text\n#### 7", "hash", "7"),
+        ("so he pays 40 * 5 = 200\n#### 200 = 200 dollars", "hash", "200"),
+        ("#### x = 4", "hash", "x = 4"),
         ("so \\boxed{\\frac{1}{2}} is it", "boxed", "\\frac{1}{2}"),
         ("The answer is $18.00.", "answer-is", "18"),
         ("Answer: 42 apples", "answer-is", "42"),

@@ -96,3 +96,23 @@ def test_real_generation_is_well_formed_and_resumes(fresh: Workspace, teacher, r
         assert choice["student_mean_logprob"] < 0 and choice["student_key"] == reference.key
         siblings = [r for r in rows if r["example_id"] == choice["example_id"]]
         assert choice["is_correct"] == any(r["is_correct"] for r in siblings)
+
+
+@pytest.mark.model
+def test_greedy_traces_match_transformers_generate(fresh: Workspace, teacher, smollm2_dir: Path) -> None:
+    """The teacher runs without chunked prefill (see curate.generate.open_teacher): its greedy continuations
+    are the ones transformers' own generate produces from the same prompt tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    generate(fresh, teacher, source=SUBSET, sampling=Sampling(max_tokens=16), progress=False)
+    rows = connect(fresh).sql("select prompt, text from traces").pl().to_dicts()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+    tokenizer = teacher.tokenizer
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=16, do_sample=False)
+        expected = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert row["text"].strip()[:30] == expected.strip()[:30]

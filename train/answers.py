@@ -57,8 +57,12 @@ def normalize_answer(answer: str) -> str:
 
 
 def _hash(text: str) -> str | None:
+    """After the last ``####``: its leading number when it has one ("#### 200 = 200" -> "200"), else the text."""
     found = _HASH.findall(text)
-    return found[-1] if found else None
+    if not found:
+        return None
+    leading = re.match(r"\s*(" + _NUMBER + ")", found[-1])
+    return leading.group(1) if leading else found[-1]
 
 
 def _boxed(text: str) -> str | None:

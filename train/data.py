@@ -58,7 +58,10 @@ def read_table(path: str | Path, *, split: str | None = None, limit: int | None 
     source = Path(path)
     if not source.exists():
         raise FileNotFoundError(f"training data {source} does not exist (give a Parquet file or a folder of parts)")
-    dataset = ds.dataset(str(source), format="parquet")
+    files = sorted(str(p) for p in source.rglob("*.parquet")) if source.is_dir() else [str(source)]
+    if not files:
+        raise DataError(f"{source}: no Parquet files in this folder")
+    dataset = ds.dataset(files, format="parquet")  # a curate table folder also holds a manifest.json
     if split is not None:
         if "split" not in dataset.schema.names:
             raise DataError(f"{source}: --split {split!r} given but the data has no 'split' column")

@@ -50,7 +50,7 @@ def answer_nll(model: Any, tokenizer: Any, conversations: list[list[dict[str, st
         targets = torch.tensor(chat.is_response[:max_len], device=model.device)
         targets[0] = False
         with torch.inference_mode():
-            nll = token_stats(model(input_ids=ids).logits, ids).nll[0]
+            nll = token_stats(model(input_ids=ids).logits, ids, with_entropy=False).nll[0]
         means.append(float(nll[targets].mean()) if bool(targets.any()) else float("nan"))
     return means
 

@@ -16,18 +16,23 @@ import torch
 @dataclass
 class TokenStats:
     nll: torch.Tensor  # [B, L] -log p(token t | < t), with grad; 0 at position 0 and padding
-    entropy: torch.Tensor  # [B, L] full-vocabulary entropy of the distribution that predicted token t (detached)
+    entropy: torch.Tensor  # [B, L] full-vocabulary entropy of the distribution that predicted token t (detached; 0 if not asked)
     log_probs: torch.Tensor  # [B, L-1, V] log-softmax of the logits that predict tokens 1..L-1
 
 
-def token_stats(logits: torch.Tensor, input_ids: torch.Tensor) -> TokenStats:
-    """NLL and entropy per token from logits [B, L, V]; element t uses logits t-1."""
+def token_stats(logits: torch.Tensor, input_ids: torch.Tensor, *, with_entropy: bool = True) -> TokenStats:
+    """NLL and entropy per token from logits [B, L, V]; element t uses logits t-1.
+
+    Plain SFT needs no entropy: ``with_entropy=False`` skips a pass over the [B, L, V] probabilities."""
     log_probs = logits[:, :-1].float().log_softmax(dim=-1)
     nll = -log_probs.gather(2, input_ids[:, 1:, None])[..., 0]
+    pad = torch.zeros_like(nll[:, :1])
+    per_token_nll = torch.cat([pad, nll], dim=1)
+    if not with_entropy:
+        return TokenStats(per_token_nll, torch.zeros_like(per_token_nll.detach()), log_probs)
     with torch.no_grad():
         entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-    pad = torch.zeros_like(nll[:, :1])
-    return TokenStats(torch.cat([pad, nll], dim=1), torch.cat([pad, entropy], dim=1), log_probs)
+    return TokenStats(per_token_nll, torch.cat([pad.detach(), entropy], dim=1), log_probs)
 
 
 def kl_to_reference(log_probs: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:

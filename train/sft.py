@@ -164,7 +164,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> tuple[Any, Any, dict
             batch = collate(micro, tokenizer.pad_token_id)
             with _autocast(config):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            stats = token_stats(logits, batch["input_ids"])
+            stats = token_stats(logits, batch["input_ids"], with_entropy=config.method != "sft")
             keep, info = select_targets(config, model, reference, batch, stats)
             token_weight = keep.float() * batch["weights"][:, None]
             loss = (stats.nll * token_weight).sum()

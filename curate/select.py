@@ -1,0 +1,193 @@
+"""``curate select``: run a SQL recipe, audit its rows, and materialize them into ``selections/<name>``.
+
+A recipe returns one row per chosen example with ``example_id`` and, where it makes them:
+- ``assistant_text``: replaces the example's last assistant turn (a teacher trace, or an answer-only reply);
+- ``token_ids``, ``is_response``, ``loss_mask``: the scored conversation's tokens (from ``token_scores``),
+  which of them are response tokens, and which to train on (1) — written as ``input_ids`` / ``loss_mask``;
+- ``weight``, ``bucket``, ``n_response_tokens`` and any other columns, kept as they are.
+The selection holds the rows the trainer (and export) read: ``example_id``, ``messages``,
+``reference_answer``, ``split``, then the recipe's columns. Audits run before anything is written: ids
+unique and present in ``examples``, masks as long as their tokens, never all zero, and the end-of-turn
+token (the last response token) still trained. A manifest beside the rows records the SQL text and hash,
+the parameters, the input tables' fingerprints, the chat-template hashes of the scores used, and counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from curate.recipes import Recipe
+from curate.workspace import PART_SUFFIX, Workspace, write_atomic_parquet, write_atomic_text
+
+_NAME = re.compile(r"[A-Za-z0-9_]+")
+TOKEN_COLUMNS = ("token_ids", "is_response", "loss_mask")
+
+AUDITS = {
+    "duplicate_example_id": "select example_id from chosen group by example_id having count(*) > 1",
+    "unknown_example_id": "select example_id from chosen anti join examples using (example_id)",
+    "mask_length_differs": "select example_id from chosen where loss_mask is not null and len(loss_mask) <> len(token_ids)",
+    "all_zero_mask": "select example_id from chosen where loss_mask is not null and list_sum(loss_mask) = 0",
+    "end_of_turn_not_trained": """
+        select example_id from chosen
+        where loss_mask is not null and list_contains(is_response, true)
+          and loss_mask[len(is_response) - list_position(list_reverse(is_response), true) + 1] = 0""",
+    "mask_with_replaced_answer": "select example_id from chosen where loss_mask is not null and assistant_text is not null",
+}
+
+
+class AuditError(ValueError):
+    pass
+
+
+@dataclass
+class SelectReport:
+    name: str
+    rows: int = 0
+    buckets: dict[str, int] = field(default_factory=dict)
+    masked_rows: int = 0
+    mask_tokens_kept: int = 0
+    mask_tokens_total: int = 0
+    response_tokens: int | None = None  # sum of the recipe's n_response_tokens column, when it has one
+    written: str | None = None
+
+    def summary(self) -> str:
+        lines = [f"selection            {self.name}", f"rows                 {self.rows:>8,}"]
+        lines += [f"  {bucket:<19}{count:>8,}" for bucket, count in sorted(self.buckets.items())]
+        if self.response_tokens is not None:
+            lines.append(f"response tokens      {self.response_tokens:>8,}")
+        if self.masked_rows:
+            share = self.mask_tokens_kept / max(self.mask_tokens_total, 1)
+            lines.append(f"rows with a mask     {self.masked_rows:>8,}  (tokens trained {self.mask_tokens_kept:,} of {self.mask_tokens_total:,} response tokens, {share:.1%})")
+        lines.append(f"written to           {self.written}" if self.written else "dry run: nothing written")
+        return "\n".join(lines)
+
+
+def run_recipe(workspace: Workspace, recipe: Recipe, params: dict[str, str]) -> pa.Table:
+    """The recipe's rows (no audits, nothing written): what Python users feed to Polars or pandas."""
+    from curate.sql import connect
+
+    return _run(connect(workspace), recipe, recipe.bind(params), workspace)
+
+
+def _run(con: Any, recipe: Recipe, bound: dict[str, Any], workspace: Workspace) -> pa.Table:
+    import duckdb
+
+    try:
+        return con.sql(recipe.sql, params=bound).to_arrow_table()
+    except duckdb.Error as err:
+        tables = ", ".join(workspace.tables()) or "none"
+        raise ValueError(f"{recipe.path.name}: {err} (tables in this workspace: {tables})") from err
+
+
+def select(workspace: Workspace, recipe: Recipe, *, name: str, params: dict[str, str] | None = None, dry_run: bool = False) -> SelectReport:
+    from curate.sql import connect
+
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"selection name {name!r}: use letters, digits and underscores (it becomes the view selections_{name})")
+    params = params or {}
+    bound = recipe.bind(params)
+    con = connect(workspace)
+    chosen = _run(con, recipe, bound, workspace)
+    if "example_id" not in chosen.column_names:
+        raise ValueError(f"{recipe.path.name}: the recipe must return an example_id column (it returned {chosen.column_names})")
+    for column, kind in (("assistant_text", pa.string()), ("token_ids", pa.list_(pa.int32())),
+                         ("is_response", pa.list_(pa.bool_())), ("loss_mask", pa.list_(pa.int8()))):
+        if column not in chosen.column_names:
+            chosen = chosen.append_column(column, pa.nulls(chosen.num_rows, kind))
+    con.register("chosen", chosen)
+    _audit(con, recipe)
+    rows = con.sql(
+        "select c.*, e.messages, e.reference_answer, e.split from chosen c join examples e using (example_id) order by example_id"
+    ).to_arrow_table()
+    report = _report(name, rows)
+    if dry_run:
+        return report
+    table = _materialize(rows)
+    folder = workspace.table_dir(f"selections/{name}")
+    staging = folder.with_name(f".{name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write_atomic_parquet(table, staging / f"part-0{PART_SUFFIX}")
+    manifest = _manifest(workspace, recipe, bound, report, con)
+    write_atomic_text(staging / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
+    if folder.exists():
+        shutil.rmtree(folder)  # a selection is replaced whole: re-running a recipe never mixes results
+    staging.rename(folder)
+    workspace.write_manifest("select", manifest)
+    report.written = str(folder)
+    return report
+
+
+def _audit(con: Any, recipe: Recipe) -> None:
+    failures = []
+    for audit, query in AUDITS.items():
+        bad = [r[0] for r in con.execute(query).fetchall()]
+        if bad:
+            failures.append(f"{audit}: {len(bad)} row(s), e.g. {', '.join(map(str, bad[:5]))}")
+    if failures:
+        raise AuditError(f"{recipe.path.name}: audits failed, nothing written:\n  " + "\n  ".join(failures))
+
+
+def _materialize(rows: pa.Table) -> pa.Table:
+    """messages with the recipe's assistant turn; token columns renamed to what trainers read."""
+    messages = []
+    for original, replacement in zip(rows.column("messages").to_pylist(), rows.column("assistant_text").to_pylist()):
+        if replacement is None:
+            messages.append(original)
+            continue
+        turns = list(original)
+        while turns and turns[-1]["role"] == "assistant":
+            turns.pop()
+        messages.append([*turns, {"role": "assistant", "content": replacement}])
+    first = ["example_id", "messages", "reference_answer", "split"]
+    rest = [c for c in rows.column_names if c not in (*first, "assistant_text", "is_response", "token_ids", "loss_mask")]
+    columns = {"example_id": rows.column("example_id"), "messages": pa.array(messages, type=rows.schema.field("messages").type),
+               "reference_answer": rows.column("reference_answer"), "split": rows.column("split")}
+    columns |= {c: rows.column(c) for c in rest}
+    columns["input_ids"] = rows.column("token_ids")
+    columns["loss_mask"] = rows.column("loss_mask").cast(pa.list_(pa.int8()))
+    return pa.table(columns)
+
+
+def _report(name: str, rows: pa.Table) -> SelectReport:
+    report = SelectReport(name, rows=rows.num_rows)
+    if "bucket" in rows.column_names:
+        for bucket in rows.column("bucket").to_pylist():
+            report.buckets[str(bucket)] = report.buckets.get(str(bucket), 0) + 1
+    if "n_response_tokens" in rows.column_names:
+        report.response_tokens = int(sum(v or 0 for v in rows.column("n_response_tokens").to_pylist()))
+    for mask, response in zip(rows.column("loss_mask").to_pylist(), rows.column("is_response").to_pylist()):
+        if mask is not None:
+            report.masked_rows += 1
+            report.mask_tokens_kept += sum(mask)
+            report.mask_tokens_total += sum(bool(r) for r in response or [])
+    return report
+
+
+def _manifest(workspace: Workspace, recipe: Recipe, bound: dict[str, Any], report: SelectReport, con: Any) -> dict[str, Any]:
+    inputs = {}
+    for table in workspace.tables():
+        if table.startswith("selections_") or not re.search(rf"\b{table}\b", recipe.sql):
+            continue
+        digest = hashlib.sha256()
+        for part in workspace.parts(table):
+            stat = part.stat()
+            digest.update(f"{part.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        inputs[table] = {"parts": len(workspace.parts(table)), "fingerprint": digest.hexdigest()[:16]}
+    keys = [str(v) for v in bound.values() if isinstance(v, str)]
+    templates = []
+    if "token_scores" in inputs and keys:
+        templates = [r[0] for r in con.execute(
+            "select distinct template_hash from token_scores where list_contains($keys, score_key)", {"keys": keys}).fetchall()]
+    return {
+        "selection": report.name, "recipe": recipe.name, "recipe_path": str(recipe.path), "sql": recipe.sql,
+        "sql_hash": recipe.sql_hash, "parameters": bound, "inputs": inputs, "template_hashes": templates,
+        "counts": {k: v for k, v in vars(report).items() if k not in ("name", "written")},
+    }

@@ -177,3 +177,30 @@ def test_recipe_results_reach_polars_unchanged(scored: Workspace) -> None:
     select(scored, load_recipe("entropy_band"), name="top", params={"score_key": KEY, "band": "max", "fraction": "0.5"})
     written = connect(scored).sql("select example_id, mean_entropy from selections_top order by example_id").pl()
     assert frame.select("example_id", "mean_entropy").equals(written)
+
+
+def test_eksft_offline_matches_a_python_reference_on_random_rows(workspace: Workspace) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    names = [f"r{i:02d}" for i in range(30)]
+    examples(workspace, names)
+    tokens, pairs, expected = [], [], {}
+    for name in names:
+        n = int(rng.integers(6, 40))
+        prompt = int(rng.integers(1, n - 3))
+        response = [False] * prompt + [True] * (n - prompt)
+        entropy = [None] + rng.integers(0, 5, n - 1).astype(float).tolist()  # ties on purpose
+        kl = [None] + rng.integers(0, 5, n - 1).astype(float).tolist()
+        tokens.append(token_row(name, "base", response, entropy=entropy))
+        pairs.append({"example_id": name, "pair_key": "pair", "base_key": "base", "is_response": response, "kl": kl})
+        positions = [i for i in range(n) if response[i]]
+        k = math.ceil(0.3 * len(positions))
+        by_entropy = sorted(positions, key=lambda i: (-entropy[i], i))[:k]  # ties: the earlier token first
+        by_kl = sorted(positions, key=lambda i: (-kl[i], i))[:k]
+        masked = set(by_entropy) | set(by_kl)
+        expected[name] = [0 if not response[i] else 1 if i == positions[-1] else 0 if i in masked else 1 for i in range(n)]
+    put(workspace, "token_scores", tokens)
+    put(workspace, "pair_scores", pairs)
+    table = run_recipe(workspace, load_recipe("eksft_offline"), {"base_key": "base", "pair_key": "pair", "ratio": "0.3"})
+    assert {r["example_id"]: r["loss_mask"] for r in table.to_pylist()} == expected

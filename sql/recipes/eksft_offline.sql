@@ -21,47 +21,41 @@ with scored as (
     where t.score_key = $base_key and t.variant = 'chat' and p.pair_key = $pair_key and e.split = $split
 ),
 
-tokens as (
+-- list functions per row instead of one row per token: the same ranks, far less work
+positions as (
     select
-        example_id,
-        unnest(generate_series(1, len(token_ids))) as pos,
-        unnest(is_response) as response,
-        unnest(entropy) as entropy,
-        unnest(kl) as kl
+        *,
+        generate_series(1, len(token_ids)) as pos,
+        len(list_filter(is_response, lambda r: r)) as n_response,
+        len(is_response) - list_position(list_reverse(is_response), true) + 1 as end_of_turn
     from scored
 ),
 
 ranked as (
     select
         *,
-        count(*) filter (where response) over (partition by example_id) as n_response,
-        max(case when response then pos end) over (partition by example_id) as end_of_turn,
-        row_number() over (partition by example_id, response order by entropy desc nulls last, pos) as entropy_rank,
-        row_number() over (partition by example_id, response order by kl desc nulls last, pos) as kl_rank
-    from tokens
-),
-
-masks as (
-    select
-        example_id,
-        list(
-            case
-                when not response then 0
-                when pos = end_of_turn then 1
-                when entropy_rank <= ceil($ratio * n_response) or kl_rank <= ceil($ratio * n_response) then 0
-                else 1
-            end
-            order by pos
-        )::tinyint[] as loss_mask,
-        max(n_response) as n_response_tokens
-    from ranked
-    group by example_id
+        -- the top-k response positions by each signal, ties to the earlier token: sort (-signal, position)
+        list_grade_up(list_transform(pos, lambda i: case when is_response[i] then {'v': -entropy[i], 'p': i} end), 'ASC', 'NULLS LAST')[1:ceil($ratio * n_response)::integer] as top_entropy,
+        list_grade_up(list_transform(pos, lambda i: case when is_response[i] then {'v': -kl[i], 'p': i} end), 'ASC', 'NULLS LAST')[1:ceil($ratio * n_response)::integer] as top_kl
+    from positions
 ),
 
 final as (
-    select scored.example_id, scored.token_ids, scored.is_response, masks.loss_mask, masks.n_response_tokens, 'eksft' as bucket
-    from scored
-    join masks using (example_id)
+    select
+        example_id,
+        token_ids,
+        is_response,
+        list_transform(pos, lambda i:
+            case
+                when not is_response[i] then 0
+                when i = end_of_turn then 1
+                when list_contains(top_entropy, i) or list_contains(top_kl, i) then 0
+                else 1
+            end
+        )::tinyint[] as loss_mask,
+        n_response as n_response_tokens,
+        'eksft' as bucket
+    from ranked
 )
 
 select * from final order by example_id

@@ -128,7 +128,7 @@ def pandas_rule(root: Path, recipe: str) -> list[str]:
     if recipe in ("complexity_split", "probe_hard"):
         probe = read("probe_scores", ["example_id", "probe_key", "entropy_norm", "is_valid"])
         probe = probe[(probe.probe_key == "probe") & probe.is_valid].merge(pool, on="example_id")
-        low, high = probe.entropy_norm.quantile(0.25), probe.entropy_norm.quantile(0.75)
+        high = probe.entropy_norm.quantile(0.75)  # easy and middle are both kept: only the hard cut matters here
         if recipe == "probe_hard":
             return sorted(probe[probe.entropy_norm >= high].example_id)
         traces = read("best_traces", ["example_id", "gen_key", "rule", "is_correct", "truncated"])

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate import schema
-from train.chat_tokens import TemplateError, tokenize_chat
+from train.chat_tokens import TemplateError, tokenize_chat, with_reply
 from curate.workspace import PART_SUFFIX, Workspace, write_atomic_parquet
 
 if TYPE_CHECKING:
@@ -100,11 +100,8 @@ def _student_scores(con, gen_key: str, student: "Scorer", batch: int = 64) -> pa
     for chunk in reader:
         chats, kept = [], []
         for row in chunk.to_pylist():
-            turns = list(row["messages"])
-            while turns and turns[-1]["role"] == "assistant":
-                turns.pop()
             try:
-                chat = tokenize_chat(student.tokenizer, [*turns, {"role": "assistant", "content": row["text"]}])
+                chat = tokenize_chat(student.tokenizer, with_reply(row["messages"], row["text"]))
             except TemplateError:
                 continue
             if len(chat) <= student.engine.max_len and row["text"].strip():

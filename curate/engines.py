@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, Sequence
+
+from train.devices import device, vllm_machine_options
 
 if TYPE_CHECKING:
     import torch
@@ -72,13 +73,12 @@ class TransformersEngine:
     name = "transformers"
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", max_len: int | None = None, batch_tokens: int = 8192) -> None:
-        import torch
         import transformers
         from transformers import AutoModelForCausalLM
 
         self.version = transformers.__version__
         self.dtype = dtype
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device()
         self.max_len = max_len or context_length(model_dir)
         self.batch_tokens = batch_tokens
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype)).to(self.device).eval()
@@ -143,20 +143,6 @@ class VllmEngine:
         prompts = [TokensPrompt(prompt_token_ids=list(s)) for s in sequences]
         outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
         return [output.outputs.data for output in outputs]
-
-
-def vllm_machine_options(enforce_eager: bool | None = None) -> dict[str, object]:
-    """``LLM(...)`` options that depend on the machine: on CPU, ``gpu_memory_utilization`` is the share of
-    RAM vLLM reserves and the KV cache is bounded in GiB; compilation only pays off on long GPU runs."""
-    import torch
-
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    return {
-        "gpu_memory_utilization": 0.85 if on_gpu else 0.2,
-        "enforce_eager": (not on_gpu) if enforce_eager is None else enforce_eager,
-    }
 
 
 def open_engine(engine: str, model_dir: str, *, dtype: str, max_len: int | None = None) -> Engine:

@@ -21,8 +21,9 @@ from tqdm import tqdm
 
 from curate import schema
 from train.answers import extract_answer, normalize_answer
-from train.chat_tokens import render
-from curate.engines import ModelFingerprint, context_length, fingerprint, vllm_machine_options
+from train.chat_tokens import encode_text
+from train.devices import vllm_machine_options
+from curate.engines import ModelFingerprint, context_length, fingerprint
 from curate.prompt_templates import PromptTemplate, pick, templates_for
 from curate.score_tables import table_from_columns
 from curate.stream import count_pending, done_ids, example_shards, run_key
@@ -166,7 +167,7 @@ def generate(
             "key": key, "teacher": teacher.model, **teacher.fingerprint.as_dict(), "engine_version": teacher.version,
             "templates": {k: {"name": t.name, "version": t.version, "text": t.text} for k, t in templates.items()},
             "sampling": vars(sampling), "from": source, "where": where,
-            "report": {k: v for k, v in vars(report).items() if k != "skipped"} | {"skipped": dict(report.skipped)},
+            "report": vars(report),
         },
     )
     return report
@@ -182,8 +183,7 @@ def _requests(
     except ValueError:
         report.skipped["no_user_turn"] += 1
         return []
-    text = render(teacher.tokenizer, prompt, generation_prompt=True) + template.prefill
-    prompt_ids = list(teacher.tokenizer(text, add_special_tokens=False)["input_ids"])
+    prompt_ids = encode_text(teacher.tokenizer, template.render_prompt(teacher.tokenizer, prompt))
     if len(prompt_ids) >= teacher.max_len:
         report.skipped["longer_than_context"] += 1
         return []

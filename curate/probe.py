@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from curate import schema
-from train.chat_tokens import render
+from train.chat_tokens import encode_text
 from curate.prompt_templates import PromptTemplate, pick, templates_for
 from curate.score import Scorer
 from curate.score_tables import table_from_columns
@@ -101,7 +101,7 @@ def probe(
             "key": key, "model": scorer.model, **scorer.fingerprint.as_dict(), "engine": scorer.engine.name,
             "templates": {k: {"name": t.name, "version": t.version, "text": t.text} for k, t in templates.items()},
             "where": where,
-            "report": {k: v for k, v in vars(report).items() if k != "skipped"} | {"skipped": dict(report.skipped)},
+            "report": vars(report),
         },
     )
     return report
@@ -129,27 +129,23 @@ def _ask(scorer: Scorer, templates: dict[str, PromptTemplate], row: dict[str, An
         report.skipped["no_user_turn"] += 1
         return None
     tokenizer = scorer.tokenizer
-    prompt = render(tokenizer, messages, generation_prompt=True) + template.prefill
-    prompt_ids = _encode(tokenizer, prompt)
+    prompt = template.render_prompt(tokenizer, messages)
+    prompt_ids = encode_text(tokenizer, prompt)
     if len(prompt_ids) >= scorer.engine.max_len:
         report.skipped["longer_than_context"] += 1
         return None
     separator = " " if template.prefill and not template.prefill.endswith((" ", "\n")) else ""
-    answered = _encode(tokenizer, prompt + separator + reference.strip())
+    answered = encode_text(tokenizer, prompt + separator + reference.strip())
     if answered[: len(prompt_ids)] == prompt_ids and len(answered) > len(prompt_ids):
         answer_ids = answered[len(prompt_ids) :]
     else:  # the answer merged with the prompt's last token: fall back to the answer tokenized alone
-        answer_ids = _encode(tokenizer, separator + reference.strip())
+        answer_ids = encode_text(tokenizer, separator + reference.strip())
     # A tokenizer that writes " 18" as " ", "1", "8" would make the probe read a space: whitespace-only
     # tokens before the answer go into the prompt, so the probed token is the answer's first real one.
     while len(answer_ids) > 1 and not tokenizer.decode([answer_ids[0]]).strip():
         prompt_ids.append(answer_ids.pop(0))
     expected = answer_ids[0]
     return _Asked(row["example_id"], template, prompt_ids, reference.strip(), expected, kind)
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def first_token_distribution(scorer: Scorer, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,9 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
+
+from train.chat_tokens import prompt_turns, render
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 KINDS = ("numeric", "choice")
@@ -50,13 +52,15 @@ class PromptTemplate:
         """The conversation up to the last user turn, whose content is put into the template.
 
         Trailing assistant turns (the answer in the data) are dropped: the model is asked afresh."""
-        turns = list(messages)
-        while turns and turns[-1]["role"] == "assistant":
-            turns.pop()
+        turns = prompt_turns(messages)
         if not turns or turns[-1]["role"] != "user":
             raise ValueError("the example has no user turn to ask")
         last = turns[-1]
         return turns[:-1] + [{"role": "user", "content": self.user_text.replace(PLACEHOLDER, last["content"].strip())}]
+
+    def render_prompt(self, tokenizer: Any, asked: Sequence[Message]) -> str:
+        """The text the model continues: ``asked`` (from :meth:`apply`) in the chat template, then the prefill."""
+        return render(tokenizer, asked, generation_prompt=True) + self.prefill
 
 
 def load_template(spec: str, *, purpose: str) -> PromptTemplate:

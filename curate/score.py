@@ -26,6 +26,7 @@ from curate.head import OutputHead, load_head, pair_signals, token_signals
 from curate.score_tables import list_column, rebuild_sample_scores, scored_column, table_from_columns, top_column
 from curate.stream import count_pending, done_ids, example_shards, run_key
 from curate.workspace import Workspace
+from train.devices import device as machine_device
 
 OVERLONG = ("skip", "truncate")
 
@@ -56,9 +57,7 @@ def open_scorer(model: str, *, engine: str = "vllm", dtype: str = "float32", top
     model_dir = resolve(model)
     head = load_head(model_dir, dtype=torch_dtype(dtype))  # refuses unknown architectures before the engine starts
     opened = open_engine(engine, model_dir, dtype=dtype, max_len=max_len)
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # where both engines put their hidden states
+    device = machine_device()  # where both engines put their hidden states
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return Scorer(opened, head.to(device), tokenizer, model, fingerprint(model_dir, dtype), top_k)
 
@@ -176,7 +175,7 @@ def _run(
             "models": [{"model": s.model, "key": s.key, **s.fingerprint.as_dict(), "engine": s.engine.name,
                         "engine_version": s.engine.version, "top_k": s.top_k, "max_len": s.engine.max_len} for s in scorers],
             "where": where, "ifd": ifd, "overlong": overlong,
-            "report": {k: v for k, v in vars(report).items() if k != "skipped"} | {"skipped": dict(report.skipped)},
+            "report": vars(report),
         },
     )
     return report

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from curate.recipes import Recipe
 from curate.workspace import PART_SUFFIX, Workspace, write_atomic_parquet, write_atomic_text
+from train.chat_tokens import with_reply
 
 _NAME = re.compile(r"[A-Za-z0-9_]+")
 TOKEN_COLUMNS = ("token_ids", "is_response", "loss_mask")
@@ -142,12 +143,9 @@ def _materialize(rows: pa.Table) -> pa.Table:
         if replacement is None:
             messages.append(original)
             continue
-        turns = list(original)
-        while turns and turns[-1]["role"] == "assistant":
-            turns.pop()
-        messages.append([*turns, {"role": "assistant", "content": replacement}])
+        messages.append(with_reply(original, replacement))
     first = ["example_id", "messages", "reference_answer", "split"]
-    rest = [c for c in rows.column_names if c not in (*first, "assistant_text", "is_response", "token_ids", "loss_mask")]
+    rest = [c for c in rows.column_names if c not in (*first, "assistant_text", *TOKEN_COLUMNS)]
     columns = {"example_id": rows.column("example_id"), "messages": pa.array(messages, type=rows.schema.field("messages").type),
                "reference_answer": rows.column("reference_answer"), "split": rows.column("split")}
     columns |= {c: rows.column(c) for c in rest}

@@ -42,6 +42,24 @@ def template_hash(tokenizer: Any) -> str:
     return hashlib.sha256(template.encode("utf-8")).hexdigest()[:16]
 
 
+def prompt_turns(messages: Sequence[Message]) -> list[Message]:
+    """The conversation without its trailing assistant turns: what a model is asked to continue."""
+    turns = list(messages)
+    while turns and turns[-1]["role"] == "assistant":
+        turns.pop()
+    return turns
+
+
+def with_reply(messages: Sequence[Message], reply: str) -> list[Message]:
+    """The conversation with ``reply`` as its (only final) assistant turn, replacing the one in the data."""
+    return [*prompt_turns(messages), {"role": "assistant", "content": reply}]
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of already-templated text (the template wrote the special tokens: none are added)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def render(tokenizer: Any, messages: Sequence[Message], *, generation_prompt: bool = False) -> str:
     if not messages:
         return ""

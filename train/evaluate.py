@@ -16,15 +16,17 @@ from typing import Any
 import torch
 
 from train.answers import extract_answer, normalize_answer
-from train.chat_tokens import render, tokenize_chat
+from train.chat_tokens import encode_text, prompt_turns, render, tokenize_chat
 from train.data import read_table
+from train.devices import device, vllm_machine_options
 from train.objectives import token_stats
+from train.sft import load_tokenizer
 
 ENGINES = ("auto", "vllm", "transformers")
 
 
 def load_for_eval(model: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     directory = Path(model)
     if (directory / "adapter_config.json").is_file():
@@ -34,11 +36,7 @@ def load_for_eval(model: str) -> tuple[Any, Any]:
         loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), directory).merge_and_unload()
     else:
         loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return loaded.to(device).eval(), tokenizer
+    return loaded.to(device()).eval(), load_tokenizer(model)
 
 
 def answer_nll(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *, max_len: int) -> list[float]:
@@ -53,16 +51,6 @@ def answer_nll(model: Any, tokenizer: Any, conversations: list[list[dict[str, st
             nll = token_stats(model(input_ids=ids).logits, ids, with_entropy=False).nll[0]
         means.append(float(nll[targets].mean()) if bool(targets.any()) else float("nan"))
     return means
-
-
-def prompts_of(conversations: list[list[dict[str, str]]]) -> list[list[dict[str, str]]]:
-    prompts = []
-    for messages in conversations:
-        turns = list(messages)
-        while turns and turns[-1]["role"] == "assistant":
-            turns.pop()
-        prompts.append(turns)
-    return prompts
 
 
 def generate_greedy(model_dir: str, model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *, max_new_tokens: int, engine: str) -> tuple[list[str], str]:
@@ -80,22 +68,17 @@ def _has_vllm() -> bool:
 
 
 def _generate_vllm(model_dir: str, model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int) -> list[str]:
-    import os
-
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     with tempfile.TemporaryDirectory() as merged:
         path = model_dir
         if (Path(model_dir) / "adapter_config.json").is_file():
             model.save_pretrained(merged)
             tokenizer.save_pretrained(merged)
             path = merged
-        llm = LLM(path, dtype="float32", max_model_len=2048, gpu_memory_utilization=0.85 if on_gpu else 0.2, enforce_eager=not on_gpu)
-        prompts = [TokensPrompt(prompt_token_ids=tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        llm = LLM(path, dtype="float32", max_model_len=2048, **vllm_machine_options())
+        prompts = [TokensPrompt(prompt_token_ids=encode_text(tokenizer, t)) for t in texts]
         outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
         del llm
     return [o.outputs[0].text for o in outputs]
@@ -122,7 +105,7 @@ def evaluate(model: str, data: str, *, split: str | None = None, limit: int | No
     nll = answer_nll(loaded, tokenizer, conversations, max_len=max_len)
     metrics: dict[str, Any] = {"model": model, "data": data, "split": split, "examples": table.num_rows,
                                "mean_answer_nll": sum(nll) / len(nll) if nll else None}
-    checked = [(p, r) for p, r in zip(prompts_of(conversations), references) if r is not None]
+    checked = [(prompt_turns(c), r) for c, r in zip(conversations, references) if r is not None]
     if checked:
         completions, used = generate_greedy(model, loaded, tokenizer, [p for p, _ in checked], max_new_tokens=max_new_tokens, engine=engine)
         answers = [extract_answer(text) for text in completions]

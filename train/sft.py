@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from train.data import TrainExample, load_examples, read_table, sample_fraction
+from train.devices import device
 from train.objectives import eksft_mask, kl_to_reference, qtuning_samples, qtuning_tokens, sample_ppl_and_entropy, token_stats
 
 METHODS = ("sft", "eksft", "qtuning")
@@ -60,17 +61,21 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def load_tokenizer(model: str) -> Any:
+    """The model's tokenizer, padding with end-of-sequence when it names no pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_model(config: TrainConfig) -> tuple[Any, Any]:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(config.model)
     model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).to(device())
     if config.lora_r:
         lora = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -123,7 +128,7 @@ def select_targets(config: TrainConfig, model: Any, reference: Any, batch: dict[
                 reference_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         kl = kl_to_reference(stats.log_probs.detach(), reference_logits)
         keep = eksft_mask(stats.entropy, kl, targets, ratio=config.eksft_ratio)
-        return keep, {"targets": n_targets, "kept_tokens": int(keep.sum()), "mean_kl": float(kl[targets].mean())}
+        return keep, {"targets": n_targets, "kept_tokens": int(keep.sum()), "kl_sum": float(kl[targets].sum())}
     if config.method == "qtuning":
         ppl, entropy = sample_ppl_and_entropy(stats.nll, stats.entropy, targets)
         q2, q4 = qtuning_samples(ppl, entropy, r_sample=config.r_sample)
@@ -159,7 +164,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> tuple[Any, Any, dict
     started, tokens_seen = time.perf_counter(), 0
     bar = tqdm(steps, desc=f"train {config.method}", unit=" step", disable=not progress, file=sys.stderr)
     for step, micro_batches in enumerate(bar, start=1):
-        loss_sum, kept, record = 0.0, 0, {"step": step}
+        loss_sum, record = 0.0, {"step": step}
         for micro in micro_batches:
             batch = collate(micro, tokenizer.pad_token_id)
             with _autocast(config):
@@ -170,10 +175,12 @@ def train(config: TrainConfig, *, progress: bool = True) -> tuple[Any, Any, dict
             loss = (stats.nll * token_weight).sum()
             loss.backward()
             loss_sum += float(loss.detach())
-            kept += int(keep.sum())
             tokens_seen += int(batch["attention_mask"].sum())
-            for name, value in info.items():
-                record[name] = record.get(name, 0) + value if name != "mean_kl" else value
+            for name, value in info.items():  # counts summed over the step's micro-batches
+                record[name] = record.get(name, 0) + value
+        if "kl_sum" in record:  # EKSFT: mean KL over the step's target tokens
+            record["mean_kl"] = record.pop("kl_sum") / max(record["targets"], 1)
+        kept = record["kept_tokens"]
         for parameter in trainable:
             if parameter.grad is not None:
                 parameter.grad /= max(kept, 1)

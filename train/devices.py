@@ -1,0 +1,25 @@
+"""What this machine runs on: one rule for the trainer, the evaluator and curate's engines (curate imports
+it, as it imports train.chat_tokens, so both sides place models and start vLLM the same way)."""
+
+from __future__ import annotations
+
+import os
+
+
+def device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def vllm_machine_options(enforce_eager: bool | None = None) -> dict[str, object]:
+    """``LLM(...)`` options that depend on the machine: on CPU, ``gpu_memory_utilization`` is the share of
+    RAM vLLM reserves and the KV cache is bounded in GiB; compilation only pays off on long GPU runs."""
+    on_gpu = device() == "cuda"
+    if not on_gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    return {
+        "gpu_memory_utilization": 0.85 if on_gpu else 0.2,
+        "enforce_eager": (not on_gpu) if enforce_eager is None else enforce_eager,
+    }

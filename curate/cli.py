@@ -60,10 +60,12 @@ def _verb(verbs: argparse._SubParsersAction, name: str, summary: str, example: s
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
-    from curate.engines import DTYPES, ENGINES
+    from curate.engines import DEFAULT_DTYPE, DTYPES, ENGINES
 
     parser.add_argument("--engine", choices=ENGINES, default="vllm", help="vllm (production) or transformers (reference)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model and head precision (default float32)")
+    parser.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
+                        help=f"model and head precision (default {DEFAULT_DTYPE}: twice the float32 speed on CPU; single "
+                             "tokens drift by ~0.03 nats on average, sample means keep their order; float32 for reference precision)")
 
 
 def _workspace_arg(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 ENGINES = ("vllm", "transformers")
 DTYPES = ("float32", "bfloat16", "float16")
+# Scoring precision unless asked otherwise: what production runs on GPUs, and 2x the fp32 throughput on a CPU
+# with AVX-512 BF16. float32 is the reference precision (per token within ~1e-4 of the HF model in fp32).
+DEFAULT_DTYPE = "bfloat16"
 
 
 class Engine(Protocol):

@@ -154,11 +154,13 @@ def first_token_distribution(scorer: Scorer, prompts: Sequence[Sequence[int]]) -
 
     hidden = scorer.engine.hidden_states(prompts)
     last = torch.stack([h[-1] for h in hidden]).to(scorer.head.weight.device)
+    entropies, greedy = [], []
     with torch.inference_mode():
-        logp = scorer.head.logits(last).log_softmax(dim=-1)
-        entropy = -(logp.exp() * logp).sum(dim=-1)
-        greedy = logp.argmax(dim=-1)
-    return entropy.double().cpu().numpy(), greedy.cpu().numpy()
+        for begin in range(0, len(last), 256):
+            distribution = scorer.head.distribution(last[begin : begin + 256], top_k=1)
+            greedy.append(distribution.top(1)[1][:, 0])
+            entropies.append(distribution.entropy())
+    return torch.cat(entropies).double().cpu().numpy(), torch.cat(greedy).cpu().numpy()
 
 
 def _probe_table(scorer: Scorer, key: str, asked: list[_Asked]) -> pa.Table:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from curate import schema
 from train.chat_tokens import ChatTokens, TemplateError, template_hash, tokenize_chat
-from curate.engines import Engine, ModelFingerprint, fingerprint, open_engine, torch_dtype
+from curate.engines import DEFAULT_DTYPE, Engine, ModelFingerprint, fingerprint, open_engine, torch_dtype
 from curate.head import OutputHead, load_head, pair_signals, token_signals
 from curate.score_tables import list_column, rebuild_sample_scores, scored_column, table_from_columns, top_column
 from curate.stream import count_pending, done_ids, example_shards, run_key
@@ -49,7 +49,7 @@ class Scorer:
         return run_key(parts)
 
 
-def open_scorer(model: str, *, engine: str = "vllm", dtype: str = "float32", top_k: int = 5, max_len: int | None = None) -> Scorer:
+def open_scorer(model: str, *, engine: str = "vllm", dtype: str = DEFAULT_DTYPE, top_k: int = 5, max_len: int | None = None) -> Scorer:
     from transformers import AutoTokenizer
 
     from curate.models import resolve

@@ -74,16 +74,25 @@ def reference(smollm2_dir: Path):
     """The transformers scorer: the reference every vLLM result is checked against."""
     from curate.score import open_scorer
 
-    return open_scorer(str(smollm2_dir), engine="transformers", top_k=5)
+    return open_scorer(str(smollm2_dir), engine="transformers", dtype="float32", top_k=5)
 
 
 @pytest.fixture(scope="session")
 def vllm_scorer(smollm2_dir: Path):
-    """One vLLM pooling engine for the session (start-up takes ~15 s on 2 cores)."""
+    """One float32 vLLM pooling engine for the session (start-up takes ~15 s on 2 cores)."""
     pytest.importorskip("vllm")
     from curate.score import open_scorer
 
-    return open_scorer(str(smollm2_dir), engine="vllm", top_k=5)
+    return open_scorer(str(smollm2_dir), engine="vllm", dtype="float32", top_k=5)
+
+
+@pytest.fixture(scope="session")
+def vllm_bf16_scorer(smollm2_dir: Path):
+    """The vLLM engine at the default scoring precision, bfloat16."""
+    pytest.importorskip("vllm")
+    from curate.score import open_scorer
+
+    return open_scorer(str(smollm2_dir), engine="vllm", dtype="bfloat16", top_k=5)
 
 
 @pytest.fixture(scope="session")

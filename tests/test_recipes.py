@@ -204,3 +204,30 @@ def test_eksft_offline_matches_a_python_reference_on_random_rows(workspace: Work
     put(workspace, "pair_scores", pairs)
     table = run_recipe(workspace, load_recipe("eksft_offline"), {"base_key": "base", "pair_key": "pair", "ratio": "0.3"})
     assert {r["example_id"]: r["loss_mask"] for r in table.to_pylist()} == expected
+
+
+def test_qtuning_offline_token_mask_matches_a_python_reference_on_multi_turn_rows(workspace: Workspace) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    names = [f"r{i:02d}" for i in range(20)]
+    examples(workspace, names)
+    # r10..r19: high NLL, low entropy -> Q2 at the widest alpha; r00..r09 the mirror image -> Q4
+    samples(workspace, [(name, 1.0 + i if i >= 10 else 0.1 * i, 0.1 * (20 - i) if i >= 10 else 5.0 + i, 9) for i, name in enumerate(names)])
+    tokens, expected = [], {}
+    for name in names[10:]:
+        turns = [(int(rng.integers(1, 4)), int(rng.integers(2, 7))) for _ in range(int(rng.integers(1, 4)))]
+        response = [False] + [flag for prompt, reply in turns for flag in [False] * prompt + [True] * reply]
+        ppl = [None] + rng.integers(1, 4, len(response) - 1).astype(float).tolist()  # ties on purpose
+        logprob = [None] + np.float32([-math.log(p) for p in ppl[1:]]).tolist()  # token_scores holds float32
+        tokens.append(token_row(name, KEY, response, logprob=logprob))
+        positions = [i for i, flag in enumerate(response) if flag]  # neighbours: the previous and next response tokens
+        values = [math.exp(-logprob[i]) for i in positions]
+        score = [0.5 * values[j] + 0.5 * ((values[j - 1] if j else values[j]) + (values[j + 1] if j + 1 < len(values) else values[j]))
+                 for j in range(len(values))]
+        kept = {positions[j] for j in sorted(range(len(values)), key=lambda j: (score[j], j))[: math.ceil(0.4 * len(values))]}
+        expected[name] = [1 if flag and (i in kept or i == positions[-1]) else 0 for i, flag in enumerate(response)]
+    put(workspace, "token_scores", tokens)
+    table = run_recipe(workspace, load_recipe("qtuning_offline"), {"score_key": KEY, "r_sample": "1.0", "r_token": "0.4"}).to_pylist()
+    assert {r["example_id"]: r["bucket"] for r in table} == {name: "q2" if name >= "r10" else "q4" for name in names}
+    assert {r["example_id"]: r["loss_mask"] for r in table if r["bucket"] == "q2"} == expected

@@ -71,45 +71,53 @@ q2_scores as (
     where t.score_key = $score_key and t.variant = 'chat' and kept.bucket = 'q2'
 ),
 
-tokens as (
+-- list functions per example instead of one row per token (as in eksft_offline): the same ranks, far less work
+responses as (
     select
-        example_id,
-        unnest(generate_series(1, len(token_ids))) as pos,
-        unnest(is_response) as response,
-        unnest(logprob) as logprob
+        *,
+        list_filter(generate_series(1, len(token_ids)), lambda i: is_response[i]) as response_pos,
+        len(is_response) - list_position(list_reverse(is_response), true) + 1 as end_of_turn
     from q2_scores
+),
+
+perplexities as (
+    -- ppl of each response token, in order; neighbours are the previous and next response tokens
+    select *, list_transform(response_pos, lambda i: exp(-logprob[i])) as ppl
+    from responses
 ),
 
 smoothed as (
     select
-        example_id,
-        pos,
-        (1 - $smoothing) * exp(-logprob)
-            + $smoothing * (coalesce(lag(exp(-logprob)) over w, exp(-logprob)) + coalesce(lead(exp(-logprob)) over w, exp(-logprob)))
-            as token_score,
-        count(*) over (partition by example_id) as n_response,
-        max(pos) over (partition by example_id) as end_of_turn
-    from tokens
-    where response
-    window w as (partition by example_id order by pos)
+        *,
+        list_transform(generate_series(1, len(ppl)), lambda j:
+            (1 - $smoothing) * ppl[j]
+            + $smoothing * ((case when j > 1 then ppl[j - 1] else ppl[j] end) + (case when j < len(ppl) then ppl[j + 1] else ppl[j] end))
+        ) as token_score
+    from perplexities
 ),
 
-pruned as (
+kept_tokens as (
     select
-        example_id,
-        pos,
-        row_number() over (partition by example_id order by token_score, pos) <= ceil($r_token * n_response)
-            or pos = end_of_turn as keep
+        *,
+        -- the ceil(r_token x n) lowest scores, ties to the earlier token: sort (score, position)
+        list_transform(
+            list_grade_up(list_transform(generate_series(1, len(token_score)), lambda j: {'v': token_score[j], 'p': j}))[1:ceil($r_token * len(token_score))::integer],
+            lambda j: response_pos[j]
+        ) as kept_pos
     from smoothed
 ),
 
 masks as (
     select
-        tokens.example_id,
-        list(case when pruned.keep then 1 else 0 end order by tokens.pos)::tinyint[] as loss_mask
-    from tokens
-    left join pruned using (example_id, pos)
-    group by tokens.example_id
+        example_id,
+        list_transform(generate_series(1, len(is_response)), lambda i:
+            case
+                when not is_response[i] then 0
+                when i = end_of_turn or list_contains(kept_pos, i) then 1
+                else 0
+            end
+        )::tinyint[] as loss_mask
+    from kept_tokens
 ),
 
 final as (

@@ -131,34 +131,55 @@ def test_ifd_and_sample_scores(fresh: Workspace, reference) -> None:
     assert frame["ifd"].median() < 1.0  # the question makes the worked answer easier to predict
 
 
-def _perturbed_copy(source: Path, target: Path) -> Path:
+@pytest.fixture(scope="module")
+def calibrated_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second checkpoint: SmolLM2 with noise on its last four MLP output projections."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(source)
+    target = tmp_path_factory.mktemp("calibrated")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
     torch.manual_seed(0)
     with torch.no_grad():
         for layer in model.model.layers[-4:]:
             layer.mlp.down_proj.weight.add_(torch.randn_like(layer.mlp.down_proj.weight) * 0.01)
     model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(target)
     return target
 
 
-def test_pair_kl_is_zero_for_the_same_model_and_positive_otherwise(fresh: Workspace, reference, smollm2_dir: Path, tmp_path: Path) -> None:
+def _pair_values(ws: Workspace, key: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rows = connect(ws).execute(f"select example_id, kl, log_ratio from pair_scores where pair_key = '{key}'").fetchall()
+    return {example: (np.array(kl[1:], dtype=float), np.array(ratio[1:], dtype=float)) for example, kl, ratio in rows}
+
+
+def test_pair_kl_is_zero_for_the_same_model_and_positive_otherwise(fresh: Workspace, reference, calibrated_dir: Path) -> None:
     subset = "example_id < '01'"
     same = score_pair(fresh, reference, reference, where=subset, progress=False)
     con = connect(fresh)
     kl, ratio = zip(*con.execute(f"select kl, log_ratio from pair_scores where pair_key = '{same.key}'").fetchall())
     assert all(k[0] is None for k in kl)
     assert max(abs(v) for k in kl for v in k[1:]) < 1e-5 and max(abs(v) for r in ratio for v in r[1:]) < 1e-5
-    other = open_scorer(str(_perturbed_copy(smollm2_dir, tmp_path / "calibrated")), engine="transformers", dtype="float32", top_k=5)
+    other = open_scorer(str(calibrated_dir), engine="transformers", dtype="float32", top_k=5)
     report = score_pair(fresh, reference, other, where=subset, progress=False)
     values = np.concatenate([np.array(k[1:]) for (k,) in con.execute(
         f"select kl from pair_scores where pair_key = '{report.key}'").fetchall()])
     assert values.min() >= -1e-5 and values.mean() > 1e-4
     keys = {k for (k,) in con.execute("select distinct score_key from token_scores").fetchall()}
     assert {reference.key, other.key} <= keys  # both models' own token scores were written too
+
+
+def test_vllm_pair_matches_the_transformers_pair(fresh: Workspace, reference, vllm_scorer, calibrated_dir: Path) -> None:
+    subset = "example_id < '01'"
+    calibrated_vllm = open_scorer(str(calibrated_dir), engine="vllm", dtype="float32", top_k=5)  # a second engine in one process
+    calibrated_reference = open_scorer(str(calibrated_dir), engine="transformers", dtype="float32", top_k=5)
+    ours = _pair_values(fresh, score_pair(fresh, vllm_scorer, calibrated_vllm, where=subset, progress=False).key)
+    ref = _pair_values(fresh, score_pair(fresh, reference, calibrated_reference, where=subset, progress=False).key)
+    assert set(ours) == set(ref) and len(ours) >= 3
+    # float32 on both sides: per-token log-probs agree to ~1e-4 (first test), so KL and the log-ratio do too
+    for example, (kl, ratio) in ours.items():
+        assert np.max(np.abs(kl - ref[example][0])) < 2e-3 and np.max(np.abs(ratio - ref[example][1])) < 2e-3, example
+    assert np.mean(np.concatenate([kl for kl, _ in ours.values()])) > 1e-4  # the two models do differ
 
 
 def test_killed_run_resumes_to_the_same_rows(fresh: Workspace, reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -49,7 +49,7 @@ endif
 	touch $(STAMP)
 
 demo: install
-	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(BIN)/python -m curate.demo --workspace $(DEMO_WORKSPACE) $(if $(FULL),--full)
+	$(BIN)/python -m curate.demo --workspace $(DEMO_WORKSPACE) $(if $(FULL),--full)
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

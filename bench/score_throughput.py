@@ -75,8 +75,9 @@ def run_path(path: str, sequences: list[list[int]]) -> float:
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
 
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        llm = LLM(model_dir, dtype=dtype, enforce_eager=True, gpu_memory_utilization=0.2, max_model_len=2048)
+        from train.devices import vllm_machine_options
+
+        llm = LLM(model_dir, dtype=dtype, max_model_len=2048, **vllm_machine_options())
         params = SamplingParams(max_tokens=1, prompt_logprobs=1)
         start = time.perf_counter()
         llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)

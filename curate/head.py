@@ -41,6 +41,8 @@ class UnsupportedArchitecture(ValueError):
 
 # A bf16/fp16 head recomputes in fp32 the logits of at least this many top tokens per position (and the target's).
 CANDIDATES = 16
+# Positions per head call: [CHUNK, vocab] fp32 buffers stay ~50 MB for a 49k vocabulary.
+CHUNK = 256
 
 
 @dataclass
@@ -173,12 +175,12 @@ def load_head(model_dir: str | Path, *, dtype: "torch.dtype") -> OutputHead:
 
 @dataclass
 class TokenSignals:
-    """Per-token signals for positions 1..n-1 of one sequence (position 0 has none)."""
+    """Per-position signals: for a sequence, positions 1..n-1 (position 0 has none)."""
 
-    logprob: "torch.Tensor"  # [n-1] float32: log p(token t | < t)
-    entropy: "torch.Tensor"  # [n-1] float32: full-vocabulary entropy of that distribution, in nats
-    top_ids: "torch.Tensor"  # [n-1, k] int64
-    top_logprobs: "torch.Tensor"  # [n-1, k] float32
+    logprob: "torch.Tensor"  # [m] float32: log p(token t | < t); empty when no targets were given
+    entropy: "torch.Tensor"  # [m] float32: full-vocabulary entropy of that distribution, in nats
+    top_ids: "torch.Tensor"  # [m, k] int64
+    top_logprobs: "torch.Tensor"  # [m, k] float32
 
 
 @dataclass
@@ -187,20 +189,26 @@ class PairSignals:
     log_ratio: "torch.Tensor"  # [n-1] log q_calibrated(token) - log p_base(token)
 
 
-
-
-def token_signals(hidden: "torch.Tensor", token_ids: "torch.Tensor", head: OutputHead, *, top_k: int, chunk: int = 256) -> TokenSignals:
+def token_signals(hidden: "torch.Tensor", token_ids: "torch.Tensor", head: OutputHead, *, top_k: int, chunk: int = CHUNK) -> TokenSignals:
     """Signals for a sequence from its hidden states [n, h] and token ids [n]."""
+    # hidden t-1 predicts token t
+    return position_signals(hidden[:-1], head, targets=token_ids[1:].to(hidden.device), top_k=top_k, chunk=chunk)
+
+
+def position_signals(
+    predicting: "torch.Tensor", head: OutputHead, *, targets: "torch.Tensor | None" = None, top_k: int, chunk: int = CHUNK,
+) -> TokenSignals:
+    """Signals of the next-token distributions that hidden states [m, h] give, ``chunk`` positions at a time;
+    the log-prob of ``targets`` [m] when they are given."""
     import torch
 
-    predicting = hidden[:-1]  # hidden t-1 predicts token t
-    targets = token_ids[1:].to(hidden.device)
     parts: list[tuple[torch.Tensor, ...]] = []
     for begin in range(0, predicting.shape[0], chunk):
-        target = targets[begin : begin + chunk]
-        distribution = head.distribution(predicting[begin : begin + chunk], target, top_k=top_k)
-        chosen = distribution.logprob(target[:, None])[:, 0]
-        empty = torch.empty(len(target), 0, device=hidden.device)
+        rows = predicting[begin : begin + chunk]
+        target = None if targets is None else targets[begin : begin + chunk]
+        distribution = head.distribution(rows, target, top_k=top_k)
+        chosen = torch.empty(0, device=rows.device) if target is None else distribution.logprob(target[:, None])[:, 0]
+        empty = torch.empty(len(rows), 0, device=rows.device)
         top_values, top_ids = distribution.top(top_k) if top_k else (empty, empty.long())
         parts.append((chosen, distribution.entropy(), top_values, top_ids))
     if not parts:
@@ -212,7 +220,7 @@ def token_signals(hidden: "torch.Tensor", token_ids: "torch.Tensor", head: Outpu
 
 def pair_signals(
     base_hidden: "torch.Tensor", calibrated_hidden: "torch.Tensor", token_ids: "torch.Tensor",
-    base_head: OutputHead, calibrated_head: OutputHead, *, chunk: int = 256,
+    base_head: OutputHead, calibrated_head: OutputHead, *, chunk: int = CHUNK,
 ) -> PairSignals:
     """Exact KL(calibrated ‖ base) and the log-ratio of the actual token, per position 1..n-1."""
     import torch

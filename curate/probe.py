@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from curate import schema
 from train.chat_tokens import encode_text
+from curate.head import position_signals
 from curate.prompt_templates import PromptTemplate, pick, templates_for
 from curate.score import Scorer
 from curate.score_tables import table_from_columns
@@ -154,13 +155,9 @@ def first_token_distribution(scorer: Scorer, prompts: Sequence[Sequence[int]]) -
 
     hidden = scorer.engine.hidden_states(prompts)
     last = torch.stack([h[-1] for h in hidden]).to(scorer.head.weight.device)
-    entropies, greedy = [], []
     with torch.inference_mode():
-        for begin in range(0, len(last), 256):
-            distribution = scorer.head.distribution(last[begin : begin + 256], top_k=1)
-            greedy.append(distribution.top(1)[1][:, 0])
-            entropies.append(distribution.entropy())
-    return torch.cat(entropies).double().cpu().numpy(), torch.cat(greedy).cpu().numpy()
+        signals = position_signals(last, scorer.head, top_k=1)
+    return signals.entropy.double().numpy(), signals.top_ids[:, 0].numpy()
 
 
 def _probe_table(scorer: Scorer, key: str, asked: list[_Asked]) -> pa.Table:

@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   install (first time), then run the whole pipeline on the bundled SmolLM2 and GSM8K
-#   make test   install (first time), then run the test suite
+#   make test   install (first time), then run the test suite (make test-fast: the fast tier only)
 # Installation happens once: a stamp in .venv records it and is redone only when this file or
 # pyproject.toml changes.
 SHELL := /bin/bash
@@ -24,7 +24,7 @@ PIP := $(BIN)/python -m pip
 # pip warns once per package about this machine's absent local index folders: noise, not errors.
 FILTER := 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 install: $(STAMP)
 
@@ -53,6 +53,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# no real model, no engine start-up, no subprocess crash tests: under 2 minutes
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not model and not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache $(DEMO_WORKSPACE) .pytest_cache

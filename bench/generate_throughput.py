@@ -26,7 +26,7 @@ PATHS = ("plain-generate", "ours-vllm")
 def prompt_messages(count: int) -> list[tuple[str, list[dict[str, str]], str]]:
     from curate.bundled import BUILTIN_SOURCES
     from curate.prompt_templates import load_template
-    from train.answers import extract_answer
+    from curate.kernel.answers import extract_answer
 
     template = load_template("numeric", purpose="cot")
     rows = [json.loads(line) for line in BUILTIN_SOURCES["gsm8k"].path().read_text().splitlines()[:count]]
@@ -64,7 +64,7 @@ def run_path(path: str, count: int, max_tokens: int, workdir: Path) -> tuple[flo
         ws = Workspace(workdir / "ws")
         rows = [{"example_id": i, "source": "bench", "split": "pool", "messages": m, "reference_answer": a, "meta": "{}"} for i, m, a in prompts]
         ws.write_part("examples", pa.Table.from_pylist(rows, schema=schema.EXAMPLES), schema=schema.EXAMPLES)
-        teacher = open_teacher(model_dir, max_len=2048)
+        teacher = open_teacher(model_dir, dtype="float32", max_len=2048)
         start = time.perf_counter()
         report = generate(ws, teacher, sampling=Sampling(max_tokens=max_tokens), batch_size=count, progress=False)
         return time.perf_counter() - start, report.completion_tokens

@@ -32,7 +32,7 @@ def chats(count: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     from curate.bundled import BUILTIN_SOURCES
-    from train.chat_tokens import tokenize_chat
+    from curate.kernel.chat_tokens import tokenize_chat
     from curate.models import resolve
 
     tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2"))
@@ -72,12 +72,12 @@ def run_path(path: str, sequences: list[list[int]]) -> float:
                 token_signals(hidden.to(device), torch.tensor(ids), scorer.head, top_k=5)
         return time.perf_counter() - start
     if path == "vllm-prompt-logprobs":
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from train.devices import vllm_machine_options
+        from curate.kernel.vllm_factory import open_llm
 
-        llm = LLM(model_dir, dtype=dtype, max_model_len=2048, **vllm_machine_options())
+        llm = open_llm(model_dir, dtype=dtype, max_len=2048)
         params = SamplingParams(max_tokens=1, prompt_logprobs=1)
         start = time.perf_counter()
         llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 
 from curate import schema
-from train.chat_tokens import TemplateError, tokenize_chat, with_reply
+from curate.kernel.chat_tokens import TemplateError, tokenize_chat, with_reply
+from curate.verify import check_tables
 from curate.workspace import PART_SUFFIX, Workspace, write_atomic_parquet
 
 if TYPE_CHECKING:
@@ -67,16 +68,18 @@ def choose_best(workspace: Workspace, gen_key: str, *, rule: str = "shortest", s
         raise ValueError(f"unknown best-of-n rule {rule!r}; choose one of {', '.join(RULES)}")
     if rule == "student-logprob" and student is None:
         raise ValueError("the student-logprob rule needs a student model (--student M)")
-    con = connect(workspace)
-    scores = _student_scores(con, gen_key, student) if rule == "student-logprob" else _no_scores()
-    con.register("student", scores)
-    student_key = student.key if rule == "student-logprob" and student is not None else None
-    table = con.sql(BEST_TRACES_SQL, params={"gen_key": gen_key, "rule": rule, "student_key": student_key}).to_arrow_table()
-    table = table.cast(schema.BEST_TRACES)
-    folder = workspace.table_dir("best_traces")
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{gen_key}-{rule}" + (f"-{student_key}" if student_key else "")
-    write_atomic_parquet(table, folder / f"{name}{PART_SUFFIX}")
+    with workspace.writing():
+        con = connect(workspace)
+        scores = _student_scores(con, gen_key, student) if rule == "student-logprob" else _no_scores()
+        con.register("student", scores)
+        student_key = student.key if rule == "student-logprob" and student is not None else None
+        table = con.sql(BEST_TRACES_SQL, params={"gen_key": gen_key, "rule": rule, "student_key": student_key}).to_arrow_table()
+        table = table.cast(schema.BEST_TRACES)
+        folder = workspace.table_dir("best_traces")
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{gen_key}-{rule}" + (f"-{student_key}" if student_key else "")
+        write_atomic_parquet(table, folder / f"{name}{PART_SUFFIX}")  # one file per (run, rule), replaced whole
+    check_tables(workspace, ["best_traces"])
     return table.num_rows
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from train.answers import STYLES
+from curate.kernel.answers import STYLES
 from curate.records import FORMATS
 from curate.sql import OUTPUT_FORMATS
 from curate.workspace import Workspace
@@ -24,9 +24,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
+    from curate.kernel.lock import WorkspaceBusy
+    from curate.verify import IntegrityError
+
     try:
         return args.handler(args) or 0
-    except (FileNotFoundError, ValueError, LookupError) as err:
+    except WorkspaceBusy as err:
+        print(f"curate {args.command}: {err}", file=sys.stderr)
+        return 3
+    except (FileNotFoundError, ValueError, LookupError, IntegrityError) as err:
         print(f"curate {args.command}: error: {err}", file=sys.stderr)
         return 1
 
@@ -43,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipes(verbs)
     _add_export(verbs)
     _add_plot(verbs)
+    _add_runs(verbs)
+    _add_verify(verbs)
     _add_models(verbs)
     return parser
 
@@ -60,12 +68,20 @@ def _verb(verbs: argparse._SubParsersAction, name: str, summary: str, example: s
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
-    from curate.engines import DEFAULT_DTYPE, DTYPES, ENGINES
+    from curate.engines import DEFAULT_DTYPE, ENGINES
 
     parser.add_argument("--engine", choices=ENGINES, default="vllm", help="vllm (production) or transformers (reference)")
-    parser.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
-                        help=f"model and head precision (default {DEFAULT_DTYPE}: twice the float32 speed on CPU; single "
-                             "tokens drift by ~0.03 nats on average, sample means keep their order; float32 for reference precision)")
+    _dtype_arg(parser, DEFAULT_DTYPE, "model and head precision")
+
+
+def _dtype_arg(parser: argparse.ArgumentParser, default: str, what: str) -> None:
+    from curate.engines import DTYPES
+
+    parser.add_argument("--dtype", choices=DTYPES, default=default,
+                        help=f"{what} (default {default}: bfloat16 where it is native, i.e. GPUs and CPUs with AVX-512 BF16 "
+                             "or AMX, float32 elsewhere, where bf16 is emulated and several times slower; bf16 single tokens "
+                             "drift by ~0.03 nats on average, sample means keep their order; float32 is the reference precision). "
+                             "The run key records the resolved precision")
 
 
 def _workspace_arg(parser: argparse.ArgumentParser) -> None:
@@ -111,14 +127,15 @@ def _add_ingest(verbs: argparse._SubParsersAction) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _parse_map(pairs: list[str]) -> dict[str, str]:
-    mapping = {}
+def _key_values(pairs: list[str], option: str, shape: str = "NAME=VALUE") -> dict[str, str]:
+    """``--map A=B`` / ``--param NAME=VALUE`` given several times, as a dict (a malformed one names the fix)."""
+    values = {}
     for pair in pairs:
-        source, sep, target = pair.partition("=")
-        if not sep or not source or not target:
-            raise ValueError(f"--map expects SOURCE=TARGET, got {pair!r}")
-        mapping[source] = target
-    return mapping
+        key, sep, value = pair.partition("=")
+        if not sep or not key or (shape == "SOURCE=TARGET" and not value):
+            raise ValueError(f"{option} expects {shape}, got {pair!r}")
+        values[key] = value
+    return values
 
 
 def _run_ingest(args: argparse.Namespace) -> int:
@@ -128,7 +145,7 @@ def _run_ingest(args: argparse.Namespace) -> int:
         args.sources,
         workspace=args.workspace,
         fmt=args.fmt,
-        column_map=_parse_map(args.column_map),
+        column_map=_key_values(args.column_map, "--map", "SOURCE=TARGET"),
         answer_style=args.answer_style,
         answer_field=args.answer_field,
         heldout_fraction=args.heldout_fraction,
@@ -236,14 +253,17 @@ def _add_score(verbs: argparse._SubParsersAction) -> None:
 
 def _run_score(args: argparse.Namespace) -> int:
     from curate.score import open_scorer, score, score_pair
+    from curate.stream import example_predicate
 
-    options = {"engine": args.engine, "dtype": args.dtype, "top_k": args.top_k, "max_len": args.max_len}
-    common = {"where": args.where, "overlong": args.overlong, "shard_size": args.shard_size, "progress": not args.quiet}
-    if args.pair:
-        base, calibrated = (open_scorer(m, **options) for m in args.pair)
-        report = score_pair(args.workspace, base, calibrated, **common)
-    else:
-        report = score(args.workspace, open_scorer(args.model, **options), ifd=args.ifd, **common)
+    example_predicate(args.workspace, args.where)  # a bad filter fails now, not after the model loaded
+    options = {"engine": args.engine, "dtype": args.dtype, "top_k": args.top_k, "max_len": args.max_len, "overlong": args.overlong}
+    common = {"where": args.where, "shard_size": args.shard_size, "progress": not args.quiet}
+    with args.workspace.writing():  # a second writer refuses before any model loads
+        if args.pair:
+            base, calibrated = (open_scorer(m, together=2, **options) for m in args.pair)
+            report = score_pair(args.workspace, base, calibrated, **common)
+        else:
+            report = score(args.workspace, open_scorer(args.model, **options), ifd=args.ifd, **common)
     print(report.summary())
     return 0
 
@@ -279,9 +299,13 @@ def _add_probe(verbs: argparse._SubParsersAction) -> None:
 def _run_probe(args: argparse.Namespace) -> int:
     from curate.probe import probe
     from curate.score import open_scorer
+    from curate.stream import example_predicate
 
-    scorer = open_scorer(args.model, engine=args.engine, dtype=args.dtype, top_k=0)
-    report = probe(args.workspace, scorer, template=args.template, where=args.where, shard_size=args.shard_size, progress=not args.quiet)
+    example_predicate(args.workspace, args.where)
+    with args.workspace.writing():
+        scorer = open_scorer(args.model, engine=args.engine, dtype=args.dtype, top_k=0)
+        report = probe(args.workspace, scorer, template=args.template, where=args.where, shard_size=args.shard_size,
+                       progress=not args.quiet)
     print(report.summary())
     return 0
 
@@ -291,7 +315,7 @@ def _run_probe(args: argparse.Namespace) -> int:
 
 def _add_generate(verbs: argparse._SubParsersAction) -> None:
     from curate.best_of_n import RULES
-    from curate.engines import DTYPES, ENGINES
+    from curate.engines import ENGINES
 
     parser = _verb(
         verbs,
@@ -305,7 +329,8 @@ def _add_generate(verbs: argparse._SubParsersAction) -> None:
     )
     _workspace_arg(parser)
     parser.add_argument("--teacher", required=True, help="bundled alias (smollm2), local checkpoint directory, or hub id")
-    parser.add_argument("--from", dest="source", help="a selection name in the workspace, or a SQL predicate on examples (default: all)")
+    parser.add_argument("--from", dest="source", help="a selection name in the workspace, a SQL predicate on examples, or a whole "
+                        "query returning example_id (default: all)")
     parser.add_argument("--n", type=int, default=1, help="traces per example (default 1)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -318,7 +343,7 @@ def _add_generate(verbs: argparse._SubParsersAction) -> None:
         help="auto (choice when the reference answer is a letter, else numeric), numeric, choice, or a path to "
         "your own text file with a {question} placeholder (built-ins: curate/templates/cot_*.txt)",
     )
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="teacher precision (default float32)")
+    _dtype_arg(parser, "auto", "teacher precision")
     parser.add_argument("--max-len", type=int, help="teacher context limit (default: the model's, at most 8192)")
     parser.add_argument("--batch-size", type=int, default=64, help="requests per vLLM call and per written part")
     parser.add_argument("--choose", choices=RULES, default="shortest", help="best-of-n rule after correctness (default shortest)")
@@ -329,21 +354,24 @@ def _add_generate(verbs: argparse._SubParsersAction) -> None:
 
 def _run_generate(args: argparse.Namespace) -> int:
     from curate.best_of_n import choose_best
-    from curate.generate import Sampling, generate, open_teacher
+    from curate.generate import Sampling, generate, open_teacher, source_predicate
 
     sampling = Sampling(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     if args.choose == "student-logprob" and not args.student:
         raise ValueError("--choose student-logprob needs --student MODEL")
-    teacher = open_teacher(args.teacher, dtype=args.dtype, max_len=args.max_len)
-    report = generate(args.workspace, teacher, source=args.source, sampling=sampling, template=args.template,
-                      batch_size=args.batch_size, progress=not args.quiet)
-    print(report.summary())
-    student = None
-    if args.choose == "student-logprob":
-        from curate.score import open_scorer
+    source_predicate(args.workspace, args.source)  # a bad --from fails now, not after the teacher loaded
+    with args.workspace.writing():
+        teacher = open_teacher(args.teacher, dtype=args.dtype, max_len=args.max_len)
+        report = generate(args.workspace, teacher, source=args.source, sampling=sampling, template=args.template,
+                          batch_size=args.batch_size, progress=not args.quiet)
+        teacher.close()
+        print(report.summary())
+        student = None
+        if args.choose == "student-logprob":
+            from curate.score import open_scorer
 
-        student = open_scorer(args.student, engine=args.student_engine, top_k=0)
-    chosen = choose_best(args.workspace, report.key, rule=args.choose, student=student)
+            student = open_scorer(args.student, engine=args.student_engine, top_k=0)
+        chosen = choose_best(args.workspace, report.key, rule=args.choose, student=student)
     print(f"best-of-{args.n} ({args.choose}): one trace for each of {chosen:,} examples -> best_traces")
     return 0
 
@@ -356,9 +384,11 @@ def _add_select(verbs: argparse._SubParsersAction) -> None:
         verbs,
         "select",
         "Run a SQL recipe (a name from `curate recipes`, or your own .sql file) over the workspace, audit the rows "
-        "(unique ids that exist, masks as long as their tokens, never all zero, end-of-turn token trained) and "
-        "write them to selections/NAME with a manifest (SQL and hash, parameters, input fingerprints, counts).",
-        "curate select instructdiff --workspace ws --param base_key=KEY --param calibrated_key=KEY2 --name idiff",
+        "(unique ids that exist, masks as long as their tokens, never all zero, end-of-turn token trained; rows with "
+        "no response token are dropped and counted) and write them to selections/NAME with a manifest (SQL and hash, "
+        "parameters, input fingerprints, counts). Run parameters take a key or a model: a model alias or path means "
+        "its latest finished run (curate runs lists them).",
+        "curate select instructdiff --workspace ws --param base_key=smollm2 --param calibrated_key=models/calibrated --name idiff",
         _run_select,
     )
     parser.add_argument("recipe", help="recipe name (sql/recipes/NAME.sql) or path to a .sql file")
@@ -373,12 +403,7 @@ def _run_select(args: argparse.Namespace) -> int:
     from curate.select import select
 
     recipe = load_recipe(args.recipe)
-    params = {}
-    for pair in args.param:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--param expects NAME=VALUE, got {pair!r}")
-        params[key] = value
+    params = _key_values(args.param, "--param")
     report = select(args.workspace, recipe, name=args.name or recipe.name, params=params, dry_run=args.dry_run)
     print(report.summary())
     return 0
@@ -397,7 +422,7 @@ def _run_recipes(args: argparse.Namespace) -> int:
         print(f"{recipe.name}\n  {recipe.description}")
         for parameter in recipe.parameters.values():
             default = "required" if parameter.default is None else f"default {parameter.default}"
-            print(f"    --param {parameter.name}=...  ({default}) {parameter.description}")
+            print(f"    --param {parameter.name}=...  ({parameter.kind}, {default}) {parameter.description}")
     return 0
 
 
@@ -445,17 +470,68 @@ def _add_plot(verbs: argparse._SubParsersAction) -> None:
         _run_plot,
     )
     _workspace_arg(parser)
-    parser.add_argument("--score-key", help="which scoring run (needed when the workspace holds several)")
-    parser.add_argument("--probe-key", help="which probe run (needed when the workspace holds several)")
+    parser.add_argument("--score-key", help="which scoring run, by key or model (needed when the workspace holds several)")
+    parser.add_argument("--probe-key", help="which probe run, by key or model (needed when the workspace holds several)")
     parser.add_argument("--out", type=Path, help="output folder")
 
 
 def _run_plot(args: argparse.Namespace) -> int:
     from curate.plot import plot
+    from curate.run_refs import resolve
 
-    for path in plot(args.workspace, score_key=args.score_key, probe_key=args.probe_key, out=args.out):
-        print(path)
+    score_key = resolve(args.workspace, "score_run", args.score_key, parameter="--score-key") if args.score_key else None
+    probe_key = resolve(args.workspace, "probe_run", args.probe_key, parameter="--probe-key") if args.probe_key else None
+    with args.workspace.writing():
+        for path in plot(args.workspace, score_key=score_key, probe_key=probe_key, out=args.out):
+            print(path)
     return 0
+
+
+# ---- runs and verify ----------------------------------------------------------------------------------------
+
+
+def _add_runs(verbs: argparse._SubParsersAction) -> None:
+    parser = _verb(
+        verbs,
+        "runs",
+        "List the stage runs recorded in the workspace, newest first: when, stage, status (started, finished, failed, "
+        "or died: started and never ended), key, seconds, model, counts. A recipe parameter or --score-key may name "
+        "a model instead of a key: it means that model's latest finished run.",
+        "curate runs --workspace ws --stage score",
+        _run_runs,
+    )
+    _workspace_arg(parser)
+    parser.add_argument("--stage", help="only this stage (ingest, score, pair, probe, generate, select, export, sft, calibrate)")
+    parser.add_argument("--limit", type=int, default=40, help="rows shown (default 40); curate sql 'select * from runs' shows all")
+
+
+def _run_runs(args: argparse.Namespace) -> int:
+    from curate.run_refs import runs_table
+
+    print(runs_table(args.workspace, stage=args.stage, limit=args.limit))
+    return 0
+
+
+def _add_verify(verbs: argparse._SubParsersAction) -> None:
+    parser = _verb(
+        verbs,
+        "verify",
+        "Check the workspace: duplicate rows on each table's grain, orphans (rows whose example, trace or score run "
+        "is missing), parts that do not parse, temporary files a killed writer left. Exit status 1 when anything "
+        "is wrong. --clean removes stale temporaries (never while a writer is running).",
+        "curate verify --workspace ws --clean",
+        _run_verify,
+    )
+    _workspace_arg(parser)
+    parser.add_argument("--clean", action="store_true", help="remove temporary files left by writers that died")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from curate.verify import verify
+
+    report = verify(args.workspace, clean=args.clean)
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 # ---- models -------------------------------------------------------------------------------------------------

@@ -66,24 +66,23 @@ def main(argv: list[str] | None = None) -> None:
     select(ws, load_recipe("probe_hard"), name="probe_hard", params={"probe_key": probed.key})
     teacher = open_teacher(base_dir, max_len=2048)
     traced = generate(ws, teacher, source="probe_hard", sampling=Sampling(n=2, temperature=0.7, max_tokens=size["trace_tokens"]))
+    teacher.close()
     print(traced.summary())
     print(f"best-of-2 (shortest correct): {choose_best(ws, traced.key, rule='shortest')} examples")
-    del teacher
-    gc.collect()
 
     step("calibrate: LoRA on a random 10% of the pool, merged")
     calibrated_dir = ws.root / "models" / "calibrated"
     if not (calibrated_dir / "config.json").is_file():
         run_calibrate(TrainConfig(data=str(ws.table_dir("examples")), split="pool", fraction=0.1, model=base_dir,
-                                  out=str(calibrated_dir), max_len=512, bf16=True))
+                                  out=str(calibrated_dir), max_len=512))
     step("pair scores: base vs calibrated")
     calibrated = open_scorer(str(calibrated_dir), engine="vllm")
     print(score_pair(ws, base, calibrated, where=size["where"]).summary())
+    base.close()
+    calibrated.close()
     pair = pair_key(base, calibrated)
     keys = {"score_key": base.key, "base_key": base.key, "calibrated_key": calibrated.key, "pair_key": pair,
             "probe_key": probed.key, "gen_key": traced.key}
-    del base, calibrated
-    gc.collect()
 
     step("every recipe")
     reports = {}
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     run = ws.root / "runs" / "complexity_split"
     if not (run / "adapter" / "adapter_config.json").is_file():
         run_sft(TrainConfig(data=str(ws.table_dir("selections/complexity_split")), model=base_dir, out=str(run),
-                            epochs=2, max_len=512, bf16=True, batch_size=4))
+                            epochs=2, max_len=512, batch_size=4))
     step(f"evaluate on {size['heldout']} held-out problems (greedy, {size['max_new_tokens']} new tokens)")
     evaluations = {}
     for label, model in (("base SmolLM2", base_dir), ("SFT on complexity_split", str(run / "adapter"))):

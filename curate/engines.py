@@ -9,22 +9,25 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, Sequence
 
-from train.devices import device, vllm_machine_options
+from curate.kernel.fingerprint import model_fingerprint
+from curate.kernel.machine import PRECISIONS, device, resolve_precision
+from curate.kernel.runs import model_names
+from curate.kernel.vllm_factory import EngineOptions, close_llm, open_llm
 
 if TYPE_CHECKING:
     import torch
 
 ENGINES = ("vllm", "transformers")
-DTYPES = ("float32", "bfloat16", "float16")
-# Scoring precision unless asked otherwise: what production runs on GPUs, and 2x the fp32 throughput on a CPU
-# with AVX-512 BF16. float32 is the reference precision (per token within ~1e-4 of the HF model in fp32).
-DEFAULT_DTYPE = "bfloat16"
+DTYPES = PRECISIONS
+# Scoring precision unless asked otherwise: bf16 where it is native (GPUs; CPUs with AVX-512 BF16 or AMX),
+# float32 elsewhere (emulated bf16 is ~6x slower than fp32). float32 is the reference precision (per token
+# within ~1e-4 of the HF model in fp32).
+DEFAULT_DTYPE = "auto"
 
 
 class Engine(Protocol):
@@ -35,28 +38,28 @@ class Engine(Protocol):
 
     def hidden_states(self, sequences: Sequence[Sequence[int]]) -> list["torch.Tensor"]: ...
 
+    def close(self) -> None: ...
+
 
 @dataclass(frozen=True)
-class ModelFingerprint:
-    path: str
-    weights_hash: str  # hash of config.json and every weights file (size + SHA-256 of first and last MiB)
-    dtype: str
+class ModelIdentity:
+    """A model as a run knows it: the name it was given, where it lies, what it holds, and its precision."""
 
-    def as_dict(self) -> dict[str, str]:
-        return {"path": self.path, "weights_hash": self.weights_hash, "dtype": self.dtype}
+    given: str  # as the user named it (alias, path or hub id)
+    path: str  # the resolved local checkpoint folder
+    fingerprint: str  # curate.kernel.fingerprint: weights, config, tokenizer and chat template
+    dtype: str  # the resolved precision (never "auto")
+
+    def spec(self) -> dict[str, str]:
+        """What decides the numbers: the content and the precision (not the folder it lies in)."""
+        return {"fingerprint": self.fingerprint, "dtype": self.dtype}
+
+    def names(self) -> list[str]:
+        return model_names(self.given, self.path)
 
 
-def fingerprint(model_dir: str | Path, dtype: str) -> ModelFingerprint:
-    directory = Path(model_dir)
-    digest = hashlib.sha256((directory / "config.json").read_bytes())
-    for file in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
-        size = file.stat().st_size
-        digest.update(f"{file.name}:{size}".encode())
-        with open(file, "rb") as handle:
-            digest.update(handle.read(1 << 20))
-            handle.seek(max(0, size - (1 << 20)))
-            digest.update(handle.read(1 << 20))
-    return ModelFingerprint(str(directory), digest.hexdigest()[:16], dtype)
+def identify(given: str, model_dir: str | Path, dtype: str) -> ModelIdentity:
+    return ModelIdentity(given, str(model_dir), model_fingerprint(model_dir), dtype)
 
 
 def context_length(model_dir: str | Path) -> int:
@@ -67,9 +70,8 @@ def context_length(model_dir: str | Path) -> int:
 def torch_dtype(name: str) -> "torch.dtype":
     import torch
 
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return getattr(torch, name)
+    resolved = resolve_precision(name)
+    return getattr(torch, resolved)
 
 
 class TransformersEngine:
@@ -80,12 +82,15 @@ class TransformersEngine:
         from transformers import AutoModelForCausalLM
 
         self.version = transformers.__version__
-        self.dtype = dtype
+        self.dtype = resolve_precision(dtype)
         self.device = device()
         self.max_len = max_len or context_length(model_dir)
         self.batch_tokens = batch_tokens
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype)).to(self.device).eval()
         self.body = getattr(model, model.base_model_prefix)  # the decoder without its head
+
+    def close(self) -> None:
+        del self.body
 
     def hidden_states(self, sequences: Sequence[Sequence[int]]) -> list["torch.Tensor"]:
         import torch
@@ -123,34 +128,35 @@ class TransformersEngine:
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, model_dir: str, *, dtype: str = "float32", max_len: int | None = None, enforce_eager: bool | None = None) -> None:
+    def __init__(self, model_dir: str, *, dtype: str = "float32", max_len: int | None = None,
+                 options: EngineOptions | None = None, together: int = 1) -> None:
         import vllm
-        from vllm import LLM
         from vllm.config import PoolerConfig
 
         self.version = vllm.__version__
-        self.dtype = dtype
+        self.dtype = resolve_precision(dtype)
         self.max_len = max_len or context_length(model_dir)
-        self.llm = LLM(
-            model_dir,
-            runner="pooling",
-            pooler_config=PoolerConfig(task="token_embed", use_activation=False),
-            dtype=dtype,
-            max_model_len=self.max_len,
-            **vllm_machine_options(enforce_eager),
-        )
+        self.llm = open_llm(model_dir, dtype=self.dtype, max_len=self.max_len, options=options, together=together,
+                            runner="pooling", pooler_config=PoolerConfig(task="token_embed", use_activation=False))
 
     def hidden_states(self, sequences: Sequence[Sequence[int]]) -> list["torch.Tensor"]:
         from vllm.inputs import TokensPrompt
 
+        if not sequences:
+            return []
         prompts = [TokensPrompt(prompt_token_ids=list(s)) for s in sequences]
         outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
         return [output.outputs.data for output in outputs]
 
+    def close(self) -> None:
+        close_llm(self.llm)
+        self.llm = None
 
-def open_engine(engine: str, model_dir: str, *, dtype: str, max_len: int | None = None) -> Engine:
+
+def open_engine(engine: str, model_dir: str, *, dtype: str, max_len: int | None = None,
+                options: EngineOptions | None = None, together: int = 1) -> Engine:
     if engine == "vllm":
-        return VllmEngine(model_dir, dtype=dtype, max_len=max_len)
+        return VllmEngine(model_dir, dtype=dtype, max_len=max_len, options=options, together=together)
     if engine == "transformers":
         return TransformersEngine(model_dir, dtype=dtype, max_len=max_len)
     raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")

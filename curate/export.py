@@ -10,6 +10,11 @@
 Token masks cannot be written in the chat formats (jsonl, llamafactory, trl without tokens): exporting a
 masked selection to them is refused unless ``drop_masks`` says to train on whole responses instead.
 Tokenized formats need the model's tokenizer; its chat template must be the one the masks were made with.
+
+Everything is checked before anything is written; the files are written into a staging folder that then
+replaces the target folder whole, so an export never leaves files of another format (or of an earlier
+export) behind, and a failed export leaves the target as it was. A target folder that holds something other
+than a curate export is refused rather than replaced.
 """
 
 from __future__ import annotations
@@ -21,21 +26,27 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.workspace import Workspace, write_atomic_parquet, write_atomic_text
-from train.chat_tokens import template_hash, tokenize_chat
+from curate.kernel.atomic import staged_directory, write_atomic_text
+from curate.kernel.chat_tokens import template_hash, tokenize_chat
+from curate.kernel.keys import run_key
+from curate.kernel.runs import recorded_run
+from curate.select import read_manifest
+from curate.workspace import Workspace, write_atomic_parquet
+
+EXPORT_RECORD = "export.json"
 
 FORMATS = ("trl", "axolotl", "llamafactory", "jsonl")
 SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 
 
 def read_selection(workspace: Workspace, name: str) -> tuple[pa.Table, dict[str, Any]]:
-    folder = workspace.table_dir(f"selections/{name}")
+    """A selection's rows and the manifest stored with them."""
     if not workspace.has_table(f"selections/{name}"):
-        known = sorted(p.name for p in workspace.table_dir("selections").glob("*") if p.is_dir()) if workspace.table_dir("selections").is_dir() else []
+        folder = workspace.table_dir("selections")
+        known = sorted(p.name for p in folder.glob("*") if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else []
         raise FileNotFoundError(f"no selection {name!r} in {workspace.root} (selections: {', '.join(known) or 'none'}; make one with curate select)")
-    manifest_path = folder / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    return pq.read_table([str(p) for p in workspace.parts(f"selections/{name}")]), manifest
+    table = pq.read_table([str(p) for p in workspace.parts(f"selections/{name}")])
+    return table, read_manifest(table)
 
 
 def export(workspace: Workspace, name: str, fmt: str, *, out: str | Path | None = None, model: str | None = None,
@@ -46,34 +57,44 @@ def export(workspace: Workspace, name: str, fmt: str, *, out: str | Path | None 
     table, manifest = read_selection(workspace, name)
     rows = table.to_pylist()
     masked = any(r.get("loss_mask") is not None for r in rows)
-    target = Path(out) if out else workspace.root / "exports" / name / fmt
-    target.mkdir(parents=True, exist_ok=True)
+    target = Path(out).expanduser().resolve() if out else workspace.root / "exports" / name / fmt
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / EXPORT_RECORD).is_file())):
+        raise ValueError(f"--out {target} exists and is not a curate export: pick an empty or new folder (it would be replaced)")
     tokenized = fmt == "axolotl" or (fmt == "trl" and masked)
     if masked and not tokenized and not drop_masks:
         raise ValueError(f"selection {name!r} has token masks, which the {fmt} format cannot hold; export to trl or "
                          "axolotl (tokenized, masks kept), or pass --drop-masks to train on whole responses")
-    if tokenized:
-        tokenizer = _tokenizer(model, manifest, name)
-        columns = _tokenized(rows, tokenizer, with_attention=fmt == "axolotl")
-        write_atomic_parquet(pa.table(columns), target / "train.parquet")
+    columns = _tokenized(rows, _tokenizer(model, manifest, name), with_attention=fmt == "axolotl") if tokenized else None
+    spec = {"selection": name, "selection_key": manifest.get("key"), "format": fmt, "model": model, "drop_masks": drop_masks}
+    with workspace.writing(), recorded_run(workspace.root, "export", run_key(spec), models=[name],
+                                           parameters={**spec, "out": str(target)}) as record:
+        with staged_directory(target) as staging:
+            _write(staging, target, fmt, name, rows, columns)
+            write_atomic_text(staging / EXPORT_RECORD, json.dumps({
+                "selection": name, "format": fmt, "rows": len(rows), "masked_rows": sum(r.get("loss_mask") is not None for r in rows),
+                "drop_masks": drop_masks, "model": model, "selection_sql_hash": manifest.get("sql_hash"),
+                "selection_key": manifest.get("key")}, indent=2) + "\n")
+        record.counts = {"rows": len(rows)}
+    return target
+
+
+def _write(folder: Path, target: Path, fmt: str, name: str, rows: list[dict[str, Any]], columns: dict[str, list] | None) -> None:
+    """The format's files, into ``folder`` (which becomes ``target``)."""
+    if columns is not None:
+        write_atomic_parquet(pa.table(columns), folder / "train.parquet")
         if fmt == "axolotl":
-            write_atomic_text(target / "axolotl.yml", f"datasets:\n  - path: {target / 'train.parquet'}\n    ds_type: parquet\n"
+            write_atomic_text(folder / "axolotl.yml", f"datasets:\n  - path: {target / 'train.parquet'}\n    ds_type: parquet\n"
                               "# pre-tokenized (input_ids, attention_mask, labels): no `type`, so axolotl uses the columns as they are\n")
     elif fmt == "llamafactory":
         records = [_sharegpt(r["messages"]) for r in rows]
-        write_atomic_text(target / "train.json", json.dumps(records, ensure_ascii=False, indent=1) + "\n")
+        write_atomic_text(folder / "train.json", json.dumps(records, ensure_ascii=False, indent=1) + "\n")
         info = {name: {"file_name": "train.json", "formatting": "sharegpt",
                        "columns": {"messages": "conversations", "system": "system"},
                        "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt"}}}
-        write_atomic_text(target / "dataset_info.json", json.dumps(info, indent=2) + "\n")
+        write_atomic_text(folder / "dataset_info.json", json.dumps(info, indent=2) + "\n")
     else:  # jsonl, and trl without masks: the conversation itself
         lines = [json.dumps({"messages": r["messages"]}, ensure_ascii=False) for r in rows]
-        write_atomic_text(target / "train.jsonl", "\n".join(lines) + "\n")
-    write_atomic_text(target / "export.json", json.dumps({"selection": name, "format": fmt, "rows": len(rows),
-                                                          "masked_rows": sum(r.get("loss_mask") is not None for r in rows),
-                                                          "drop_masks": drop_masks, "model": model,
-                                                          "selection_sql_hash": manifest.get("sql_hash")}, indent=2) + "\n")
-    return target
+        write_atomic_text(folder / "train.jsonl", "\n".join(lines) + "\n")
 
 
 def _tokenizer(model: str | None, manifest: dict[str, Any], name: str) -> Any:

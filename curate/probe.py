@@ -24,12 +24,15 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from curate import schema
-from train.chat_tokens import encode_text
 from curate.head import position_signals
+from curate.kernel.chat_tokens import encode_text
+from curate.kernel.keys import run_key
+from curate.kernel.runs import recorded_run
 from curate.prompt_templates import PromptTemplate, pick, templates_for
 from curate.score import Scorer
 from curate.score_tables import table_from_columns
-from curate.stream import count_pending, done_ids, example_shards, run_key
+from curate.stream import done_ids, example_predicate, example_shards, pending_sizes
+from curate.verify import check_tables
 from curate.workspace import Workspace
 
 _NUMERIC_START = re.compile(r"[-$]?\d+|[-$]")
@@ -64,8 +67,25 @@ class ProbeReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ProbeSpec:
+    """Everything that decides the rows of one probe run; its hash is the probe key."""
+
+    model: dict[str, str]  # ModelIdentity.spec(): fingerprint and precision
+    engine: str
+    max_len: int
+    head_candidates: int
+    engine_options: dict[str, Any]
+    templates: dict[str, str]  # answer kind -> template version (hash of its text)
+
+
+def probe_spec(scorer: Scorer, templates: dict[str, PromptTemplate]) -> ProbeSpec:
+    return ProbeSpec(scorer.identity.spec(), scorer.engine.name, scorer.engine.max_len, scorer.spec.head_candidates,
+                     scorer.options.identity(), {k: t.version for k, t in sorted(templates.items())})
+
+
 def probe_key(scorer: Scorer, templates: dict[str, PromptTemplate]) -> str:
-    return run_key({"scorer": scorer.key, "templates": {k: t.version for k, t in sorted(templates.items())}})
+    return run_key(probe_spec(scorer, templates))
 
 
 def probe(
@@ -77,34 +97,35 @@ def probe(
     shard_size: int = 256,
     progress: bool = True,
 ) -> ProbeReport:
-    """Probe every example with a reference answer (or those matching the SQL predicate ``where``)."""
+    """Probe every example with a reference answer (or those the SQL filter ``where`` picks)."""
+    predicate = example_predicate(workspace, where)
     templates = templates_for(template, purpose="answer_only")
-    key = probe_key(scorer, templates)
+    spec = probe_spec(scorer, templates)
+    key = run_key(spec)
     report = ProbeReport(key)
-    done = done_ids(workspace, "probe_scores", "probe_key", key)
-    started = time.perf_counter()
-    bar = tqdm(total=count_pending(workspace, where, done), desc="probe", unit=" ex", disable=not progress, file=sys.stderr)
-    columns = ("example_id", "messages", "reference_answer")
-    for shard in example_shards(workspace, where, shard_size, columns):
-        pending = [row for row in shard if row["example_id"] not in done]
-        report.already_done += len(shard) - len(pending)
-        asked = [a for a in (_ask(scorer, templates, row, report) for row in pending) if a is not None]
-        if asked:
-            workspace.write_part("probe_scores", _probe_table(scorer, key, asked), schema=schema.PROBE_SCORES)
-            report.probed += len(asked)
-        bar.update(len(pending))
-    bar.close()
-    report.seconds = time.perf_counter() - started
-    _summarise(workspace, report)
-    workspace.write_manifest(
-        "probe",
-        {
-            "key": key, "model": scorer.model, **scorer.fingerprint.as_dict(), "engine": scorer.engine.name,
-            "templates": {k: {"name": t.name, "version": t.version, "text": t.text} for k, t in templates.items()},
-            "where": where,
-            "report": vars(report),
-        },
-    )
+    parameters = {"spec": spec, "model": scorer.model, "path": scorer.identity.path, "where": where,
+                  "templates": {k: {"name": t.name, "version": t.version, "text": t.text} for k, t in templates.items()}}
+    with workspace.writing(), recorded_run(workspace.root, "probe", key, models=scorer.identity.names(), parameters=parameters,
+                                           fingerprints={scorer.model: scorer.identity.fingerprint}) as record:
+        done = done_ids(workspace, "probe_scores", "probe_key", key)
+        started = time.perf_counter()
+        pending_count, _ = pending_sizes(workspace, predicate, done)
+        bar = tqdm(total=pending_count, desc="probe", unit=" ex", disable=not progress, file=sys.stderr)
+        columns = ("example_id", "messages", "reference_answer")
+        for shard in example_shards(workspace, predicate, shard_size, columns):
+            pending = [row for row in shard if row["example_id"] not in done]
+            report.already_done += len(shard) - len(pending)
+            asked = [a for a in (_ask(scorer, templates, row, report) for row in pending) if a is not None]
+            if asked:
+                workspace.write_part("probe_scores", _probe_table(scorer, key, asked), schema=schema.PROBE_SCORES)
+                report.probed += len(asked)
+            bar.update(len(pending))
+        bar.close()
+        report.seconds = time.perf_counter() - started
+        _summarise(workspace, report)
+        record.counts = vars(report)
+        workspace.write_manifest("probe", {"key": key, **parameters, "report": vars(report)})
+    check_tables(workspace, ["probe_scores"])
     return report
 
 
@@ -174,7 +195,7 @@ def _probe_table(scorer: Scorer, key: str, asked: list[_Asked]) -> pa.Table:
         "example_id": [a.example_id for a in asked],
         "probe_key": [key] * n,
         "model": [scorer.model] * n,
-        "model_hash": [scorer.fingerprint.weights_hash] * n,
+        "model_hash": [scorer.identity.fingerprint] * n,
         "engine": [scorer.engine.name] * n,
         "template": [a.template.name for a in asked],
         "template_version": [a.template.version for a in asked],

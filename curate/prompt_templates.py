@@ -13,18 +13,16 @@ assistant's reply, written for the model (a prefill such as "The final answer is
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from train.chat_tokens import prompt_turns, render
+from curate.kernel.answers import KINDS, kind_of
+from curate.kernel.chat_tokens import prompt_turns, render
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
-KINDS = ("numeric", "choice")
 PLACEHOLDER = "{question}"
 PREFILL_MARKER = "\n[assistant]\n"
-_LETTER = re.compile(r"[A-Ja-j]")
 
 Message = dict[str, str]
 
@@ -85,8 +83,3 @@ def pick(templates: dict[str, PromptTemplate], reference_answer: str | None) -> 
     """The answer kind of an example and the template that asks it."""
     kind = kind_of(reference_answer)
     return kind, templates.get(kind) or templates["any"]
-
-
-def kind_of(reference_answer: str | None) -> str:
-    """``choice`` when the reference answer is a single option letter, else ``numeric``."""
-    return "choice" if reference_answer is not None and _LETTER.fullmatch(reference_answer.strip()) else "numeric"

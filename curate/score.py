@@ -1,34 +1,53 @@
 """``curate score``: per-token log-prob, exact entropy and top-k (and KL for two models) into Parquet.
 
-Work goes in shards of examples. Each shard's rows are written as one atomic Parquet part per table, and a
-shard is skipped when its rows already exist for the same key (model fingerprint + engine + parameters),
-so a killed run, re-run, produces exactly the rows an uninterrupted run does, and a re-run with the same
-inputs does nothing. A different model or parameter gets a different key and lands beside the old rows.
+Work goes in shards of examples. Each shard's rows are written as one atomic Parquet part per table. Rows
+carry the score key (the hash of a ``ScoreSpec``: model fingerprint, precision, engine, top-k, context limit,
+overlong policy, head settings, signals version) and a variant (``chat``, or ``response_only`` for IFD);
+what is done is tracked per (key, variant, example), so a killed run, re-run, produces exactly the rows an
+uninterrupted run does, ``--ifd`` after a plain run adds only the response-only pass, and a re-run with the
+same inputs does nothing. A different model or parameter gets a different key and lands beside the old rows.
 ``sample_scores`` is rebuilt from ``token_scores`` by SQL at the end of every run.
 """
 
 from __future__ import annotations
 
-import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from curate import schema
-from train.chat_tokens import ChatTokens, TemplateError, template_hash, tokenize_chat
-from curate.engines import DEFAULT_DTYPE, Engine, ModelFingerprint, fingerprint, open_engine, torch_dtype
-from curate.head import OutputHead, load_head, pair_signals, token_signals
+from curate.engines import DEFAULT_DTYPE, Engine, ModelIdentity, identify, open_engine, torch_dtype
+from curate.head import CANDIDATES, OutputHead, load_head, pair_signals, token_signals
+from curate.kernel.chat_tokens import ChatTokens, TemplateError, template_hash, tokenize_chat
+from curate.kernel.keys import run_key
+from curate.kernel.machine import device as machine_device
+from curate.kernel.runs import recorded_run
+from curate.kernel.vllm_factory import EngineOptions
 from curate.score_tables import list_column, rebuild_sample_scores, scored_column, table_from_columns, top_column
-from curate.stream import count_pending, done_ids, example_shards, run_key
+from curate.stream import TokenProgress, done_ids, example_predicate, example_shards, pending_sizes
 from curate.workspace import Workspace
-from train.devices import device as machine_device
 
 OVERLONG = ("skip", "truncate")
+CHAT, RESPONSE_ONLY = "chat", "response_only"
+# tokens per engine call inside a shard: the progress bar moves at least this often
+BATCH_TOKENS = {"cpu": 8192, "cuda": 65536}
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """Everything that decides the rows of one scoring run; its hash is the score key."""
+
+    model: dict[str, str]  # ModelIdentity.spec(): fingerprint and precision
+    engine: str
+    top_k: int
+    max_len: int
+    overlong: str
+    head_candidates: int  # logits recomputed in fp32 per position by a low-precision head (curate.head)
+    engine_options: dict[str, Any]  # EngineOptions.identity(): those that can change results
+    template: str  # chat template hash (also inside the fingerprint; kept readable)
 
 
 @dataclass
@@ -38,28 +57,44 @@ class Scorer:
     engine: Engine
     head: OutputHead
     tokenizer: Any
-    model: str
-    fingerprint: ModelFingerprint
+    identity: ModelIdentity
     top_k: int
+    overlong: str = "skip"
+    options: EngineOptions = field(default_factory=EngineOptions)
+
+    @property
+    def model(self) -> str:
+        return self.identity.given
+
+    @property
+    def spec(self) -> ScoreSpec:
+        return ScoreSpec(self.identity.spec(), self.engine.name, self.top_k, self.engine.max_len, self.overlong,
+                         CANDIDATES if self.head.is_low_precision else 0, self.options.identity(),
+                         template_hash(self.tokenizer))
 
     @property
     def key(self) -> str:
-        parts = {**self.fingerprint.as_dict(), "engine": self.engine.name, "top_k": self.top_k,
-                 "template": template_hash(self.tokenizer), "max_len": self.engine.max_len}
-        return run_key(parts)
+        return run_key(self.spec)
+
+    def close(self) -> None:
+        self.engine.close()
 
 
-def open_scorer(model: str, *, engine: str = "vllm", dtype: str = DEFAULT_DTYPE, top_k: int = 5, max_len: int | None = None) -> Scorer:
+def open_scorer(model: str, *, engine: str = "vllm", dtype: str = DEFAULT_DTYPE, top_k: int = 5, max_len: int | None = None,
+                overlong: str = "skip", options: EngineOptions | None = None, together: int = 1) -> Scorer:
     from transformers import AutoTokenizer
 
     from curate.models import resolve
 
+    if overlong not in OVERLONG:
+        raise ValueError(f"unknown overlong policy {overlong!r}; choose one of {', '.join(OVERLONG)}")
+    options = options or EngineOptions()
     model_dir = resolve(model)
     head = load_head(model_dir, dtype=torch_dtype(dtype))  # refuses unknown architectures before the engine starts
-    opened = open_engine(engine, model_dir, dtype=dtype, max_len=max_len)
-    device = machine_device()  # where both engines put their hidden states
+    opened = open_engine(engine, model_dir, dtype=dtype, max_len=max_len or options.max_model_len, options=options,
+                         together=together)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return Scorer(opened, head.to(device), tokenizer, model, fingerprint(model_dir, dtype), top_k)
+    return Scorer(opened, head.to(machine_device()), tokenizer, identify(model, model_dir, opened.dtype), top_k, overlong, options)
 
 
 @dataclass
@@ -93,95 +128,93 @@ class Prepared:
     chat: ChatTokens
     response_only: ChatTokens | None
     truncated: bool
+    todo: set[tuple[str, str]]  # (score key, variant) rows still to write
+    needs_pair: bool
 
 
-def score(
-    workspace: Workspace,
-    scorer: Scorer,
-    *,
-    where: str | None = None,
-    ifd: bool = False,
-    overlong: str = "skip",
-    shard_size: int = 128,
-    progress: bool = True,
-) -> ScoreReport:
-    """Score every example (or those matching the SQL predicate ``where``) under one model."""
-    return _run(workspace, [scorer], where=where, ifd=ifd, overlong=overlong, shard_size=shard_size, progress=progress)
+def score(workspace: Workspace, scorer: Scorer, *, where: str | None = None, ifd: bool = False, shard_size: int = 128,
+          progress: bool = True) -> ScoreReport:
+    """Score every example (or those the SQL filter ``where`` picks) under one model."""
+    return _run(workspace, [scorer], where=where, ifd=ifd, shard_size=shard_size, progress=progress)
 
 
-def score_pair(
-    workspace: Workspace,
-    base: Scorer,
-    calibrated: Scorer,
-    *,
-    where: str | None = None,
-    overlong: str = "skip",
-    shard_size: int = 128,
-    progress: bool = True,
-) -> ScoreReport:
+def score_pair(workspace: Workspace, base: Scorer, calibrated: Scorer, *, where: str | None = None, shard_size: int = 128,
+               progress: bool = True) -> ScoreReport:
     """Both models' token scores plus per-token KL(calibrated ‖ base) and log-ratio, on the same tokens."""
     if base.head.vocab_size != calibrated.head.vocab_size or template_hash(base.tokenizer) != template_hash(calibrated.tokenizer):
         raise ValueError("the two models must share a tokenizer and chat template (vocab sizes or templates differ)")
-    return _run(workspace, [base, calibrated], where=where, ifd=False, overlong=overlong, shard_size=shard_size, progress=progress)
+    return _run(workspace, [base, calibrated], where=where, ifd=False, shard_size=shard_size, progress=progress)
 
 
 def pair_key(base: Scorer, calibrated: Scorer) -> str:
     return run_key({"base": base.key, "calibrated": calibrated.key})
 
 
-def _run(
-    workspace: Workspace, scorers: list[Scorer], *, where: str | None, ifd: bool, overlong: str, shard_size: int, progress: bool
-) -> ScoreReport:
-    if overlong not in OVERLONG:
-        raise ValueError(f"unknown overlong policy {overlong!r}; choose one of {', '.join(OVERLONG)}")
+def _run(workspace: Workspace, scorers: list[Scorer], *, where: str | None, ifd: bool, shard_size: int, progress: bool) -> ScoreReport:
+    import time
+
+    predicate = example_predicate(workspace, where)
     is_pair = len(scorers) == 2
     key = pair_key(*scorers) if is_pair else scorers[0].key
+    distinct = list({s.key: s for s in scorers}.values())  # `--pair M M`: one model's rows, written once
+    variants = [CHAT, RESPONSE_ONLY] if ifd else [CHAT]
     report = ScoreReport(key)
-    done = done_ids(workspace, "pair_scores", "pair_key", key) if is_pair else done_ids(workspace, "token_scores", "score_key", key)
-    done_per_model = [done_ids(workspace, "token_scores", "score_key", s.key) for s in scorers]
-    started = time.perf_counter()
-    bar = tqdm(total=count_pending(workspace, where, done), desc="score", unit=" ex", disable=not progress, file=sys.stderr)
-    for shard in example_shards(workspace, where, shard_size):
-        pending = [row for row in shard if row["example_id"] not in done]
-        report.examples_already_done += len(shard) - len(pending)
-        prepared = [p for p in (_prepare(scorers[0], row, ifd, overlong, report) for row in pending) if p is not None]
-        if not prepared:
-            continue
-        chats = [p.chat.token_ids for p in prepared]
-        hidden = [s.engine.hidden_states(chats) for s in scorers]
-        for index, scorer in enumerate(scorers):
-            todo = [i for i, p in enumerate(prepared) if p.example_id not in done_per_model[index]]
-            rows = _token_table(scorer, [prepared[i] for i in todo], [hidden[index][i] for i in todo], "chat")
-            if ifd and not is_pair:
-                with_response = [p for p in prepared if p.response_only is not None]
-                states = scorer.engine.hidden_states([p.response_only.token_ids for p in with_response])  # type: ignore[union-attr]
-                rows = pa.concat_tables([rows, _token_table(scorer, with_response, states, "response_only")])
-            workspace.write_part("token_scores", rows, schema=schema.TOKEN_SCORES)
-            done_per_model[index].update(prepared[i].example_id for i in todo)
-        if is_pair:
-            workspace.write_part("pair_scores", _pair_table(scorers[0], scorers[1], key, prepared, hidden), schema=schema.PAIR_SCORES)
-        report.examples_scored += len(prepared)
-        report.tokens_scored += sum(len(c) for c in chats)
-        bar.update(len(pending))
-        bar.set_postfix_str(f"{report.tokens_scored / (time.perf_counter() - started):,.0f} tok/s")
-    bar.close()
-    report.seconds = time.perf_counter() - started
-    if workspace.has_table("token_scores"):
-        report.sample_rows = sum(rebuild_sample_scores(workspace, scorer.key) for scorer in scorers)
-    workspace.write_manifest(
-        "score",
-        {
-            "key": key,
-            "models": [{"model": s.model, "key": s.key, **s.fingerprint.as_dict(), "engine": s.engine.name,
-                        "engine_version": s.engine.version, "top_k": s.top_k, "max_len": s.engine.max_len} for s in scorers],
-            "where": where, "ifd": ifd, "overlong": overlong,
-            "report": vars(report),
-        },
-    )
+    with workspace.writing(), recorded_run(workspace.root, "pair" if is_pair else "score", key, **_record(scorers, where, ifd)) as record:
+        done = {(s.key, v): done_ids(workspace, "token_scores", "score_key", s.key, where=[("variant", "=", v)])
+                for s in distinct for v in variants}
+        pair_done = done_ids(workspace, "pair_scores", "pair_key", key) if is_pair else set()
+        finished = set.intersection(*done.values(), *([pair_done] if is_pair else []))
+        pending_count, characters = pending_sizes(workspace, predicate, finished)
+        bar = TokenProgress("score", characters=characters, enabled=progress)
+        started = time.perf_counter()
+        for shard in example_shards(workspace, predicate, shard_size):
+            prepared, characters = [], 0
+            for row in shard:
+                todo = {(s.key, v) for s in distinct for v in variants if row["example_id"] not in done[(s.key, v)]}
+                needs_pair = is_pair and row["example_id"] not in pair_done
+                if not todo and not needs_pair:
+                    report.examples_already_done += 1
+                    continue
+                characters += sum(len(m["content"]) for m in row["messages"])
+                item = _prepare(scorers[0], row, ifd, todo, needs_pair, report)
+                if item is not None:
+                    prepared.append(item)
+            tokens = sum(len(p.chat) for p in prepared)
+            bar.tokenized(tokens, characters)
+            if not prepared:
+                continue
+            token_rows, pair_rows = _score_shard(distinct, scorers, prepared, key, bar)
+            workspace.write_part("token_scores", token_rows, schema=schema.TOKEN_SCORES)
+            if is_pair:
+                workspace.write_part("pair_scores", pair_rows, schema=schema.PAIR_SCORES)
+            report.examples_scored += len(prepared)
+            report.tokens_scored += tokens
+            bar.bar.set_postfix_str(f"{report.examples_scored:,}/{pending_count:,} examples")
+        bar.close()
+        report.seconds = time.perf_counter() - started
+        if workspace.has_table("token_scores"):
+            report.sample_rows = sum(rebuild_sample_scores(workspace, s.key) for s in distinct)
+        record.counts = vars(report)
+        workspace.write_manifest("score", {"key": key, **_record(scorers, where, ifd)["parameters"], "report": vars(report)})
+    from curate.verify import check_tables
+
+    check_tables(workspace, ["token_scores", "sample_scores"] + (["pair_scores"] if is_pair else []))
     return report
 
 
-def _prepare(scorer: Scorer, row: dict[str, Any], ifd: bool, overlong: str, report: ScoreReport) -> Prepared | None:
+def _record(scorers: list[Scorer], where: str | None, ifd: bool) -> dict[str, Any]:
+    """What the run registry keeps about a scoring run."""
+    models = [{"key": s.key, "model": s.model, "path": s.identity.path, "spec": s.spec,
+               "engine_version": s.engine.version} for s in scorers]
+    parameters: dict[str, Any] = {"models": models, "where": where, "ifd": ifd}
+    if len(scorers) == 2:
+        parameters |= {"base": models[0], "calibrated": models[1]}
+    return {"models": [name for s in scorers for name in s.identity.names()], "parameters": parameters,
+            "fingerprints": {s.model: s.identity.fingerprint for s in scorers}}
+
+
+def _prepare(scorer: Scorer, row: dict[str, Any], ifd: bool, todo: set[tuple[str, str]], needs_pair: bool,
+             report: ScoreReport) -> Prepared | None:
     messages = row["messages"]
     try:
         chat = tokenize_chat(scorer.tokenizer, messages)
@@ -191,39 +224,105 @@ def _prepare(scorer: Scorer, row: dict[str, Any], ifd: bool, overlong: str, repo
     limit = scorer.engine.max_len
     truncated = len(chat) > limit
     if truncated:
-        if overlong == "skip":
+        if scorer.overlong == "skip":
             report.skipped["longer_than_context"] += 1
             return None
         chat = chat.truncated(limit)
         report.truncated += 1
     response_only = None
-    if ifd:
-        try:
-            response_only = tokenize_chat(scorer.tokenizer, messages[-1:])
-        except TemplateError:
-            response_only = None  # the template needs a user turn: IFD stays null for this example
-        if response_only is not None and len(response_only) > limit:
-            response_only = response_only.truncated(limit)
-    return Prepared(row["example_id"], chat, response_only, truncated)
+    if ifd and any(variant == RESPONSE_ONLY for _, variant in todo):
+        response_only = _response_only(scorer, chat, messages, truncated, report)
+        if response_only is None:
+            todo = {(k, v) for k, v in todo if v != RESPONSE_ONLY}
+    return Prepared(row["example_id"], chat, response_only, truncated, todo, needs_pair)
 
 
-def _token_table(scorer: Scorer, prepared: list[Prepared], hidden: list[Any], variant: str) -> pa.Table:
+def _response_only(scorer: Scorer, chat: ChatTokens, messages: list[dict[str, str]], truncated: bool,
+                   report: ScoreReport) -> ChatTokens | None:
+    """The last reply scored without the conversation before it (IFD's denominator), or None (counted) when
+    it cannot be compared token for token with the reply inside the conversation."""
+    if truncated:
+        report.skipped["ifd_not_for_truncated"] += 1
+        return None
+    try:
+        alone = tokenize_chat(scorer.tokenizer, messages[-1:])
+    except TemplateError:
+        report.skipped["ifd_template_error"] += 1  # the template needs a user turn
+        return None
+    last = len(messages) - 1
+    in_chat = sum(r and m == last for r, m in zip(chat.is_response, chat.message_index))
+    if sum(alone.is_response) != in_chat:  # both passes must score the same reply tokens
+        report.skipped["ifd_span_mismatch"] += 1
+        return None
+    return alone
+
+
+def _score_shard(distinct: list[Scorer], scorers: list[Scorer], prepared: list[Prepared], key: str,
+                 bar: TokenProgress) -> tuple[pa.Table, pa.Table | None]:
+    """Token rows (every model, every variant still to do) and pair rows for one shard, engine batch by batch."""
     import torch
 
-    tokens = [p.chat if variant == "chat" else p.response_only for p in prepared]
-    signals = [
-        token_signals(h.to(scorer.head.weight.device), torch.tensor(t.token_ids), scorer.head, top_k=scorer.top_k)  # type: ignore[union-attr]
-        for h, t in zip(hidden, tokens)
-    ]
+    rows: dict[tuple[str, str], list[tuple[Prepared, Any]]] = {}
+    pairs: list[tuple[Prepared, Any]] = []
+    budget = BATCH_TOKENS[machine_device()]
+    for batch in _token_batches(prepared, budget):
+        states: dict[str, list[Any]] = {}
+        for scorer in distinct:
+            wanted = [p for p in batch if (scorer.key, CHAT) in p.todo or p.needs_pair]
+            hidden = dict(zip((p.example_id for p in wanted), scorer.engine.hidden_states([p.chat.token_ids for p in wanted])))
+            states[scorer.key] = [hidden.get(p.example_id) for p in batch]
+            for p in wanted:
+                if (scorer.key, CHAT) in p.todo:
+                    rows.setdefault((scorer.key, CHAT), []).append((p, _signals(scorer, hidden[p.example_id], p.chat)))
+            alone = [p for p in batch if (scorer.key, RESPONSE_ONLY) in p.todo]
+            for p, h in zip(alone, scorer.engine.hidden_states([p.response_only.token_ids for p in alone])):  # type: ignore[union-attr]
+                rows.setdefault((scorer.key, RESPONSE_ONLY), []).append((p, _signals(scorer, h, p.response_only)))
+        if len(scorers) == 2:
+            base, calibrated = scorers
+            device = base.head.weight.device
+            for index, p in enumerate(batch):
+                if p.needs_pair:
+                    b, c = states[base.key][index], states[calibrated.key][index]
+                    pairs.append((p, pair_signals(b.to(device), c.to(device), torch.tensor(p.chat.token_ids), base.head, calibrated.head)))
+        bar.done(sum(len(p.chat) for p in batch))
+    by_key = {s.key: s for s in distinct}
+    tables = [_token_table(by_key[k], items, variant) for (k, variant), items in rows.items()]
+    token_rows = pa.concat_tables(tables) if tables else schema.TOKEN_SCORES.empty_table()
+    pair_rows = _pair_table(scorers[0], scorers[1], key, pairs) if len(scorers) == 2 else None
+    return token_rows, pair_rows
+
+
+def _token_batches(prepared: list[Prepared], budget: int) -> list[list[Prepared]]:
+    batches: list[list[Prepared]] = [[]]
+    size = 0
+    for item in prepared:
+        if batches[-1] and size + len(item.chat) > budget:
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += len(item.chat)
+    return batches
+
+
+def _signals(scorer: Scorer, hidden: Any, tokens: ChatTokens) -> Any:
+    import torch
+
+    return token_signals(hidden.to(scorer.head.weight.device), torch.tensor(tokens.token_ids), scorer.head, top_k=scorer.top_k)
+
+
+def _token_table(scorer: Scorer, items: list[tuple[Prepared, Any]], variant: str) -> pa.Table:
+    prepared = [p for p, _ in items]
+    signals = [s for _, s in items]
+    tokens = [p.chat if variant == CHAT else p.response_only for p in prepared]
     n = len(prepared)
-    fp = scorer.fingerprint
+    identity = scorer.identity
     columns = {
         "example_id": [p.example_id for p in prepared],
         "score_key": [scorer.key] * n,
         "variant": [variant] * n,
         "model": [scorer.model] * n,
-        "model_hash": [fp.weights_hash] * n,
-        "dtype": [fp.dtype] * n,
+        "model_hash": [identity.fingerprint] * n,
+        "dtype": [identity.dtype] * n,
         "engine": [scorer.engine.name] * n,
         "engine_version": [scorer.engine.version] * n,
         "template_hash": [template_hash(scorer.tokenizer)] * n,
@@ -242,14 +341,9 @@ def _token_table(scorer: Scorer, prepared: list[Prepared], hidden: list[Any], va
     return table_from_columns(columns, schema.TOKEN_SCORES)
 
 
-def _pair_table(base: Scorer, calibrated: Scorer, key: str, prepared: list[Prepared], hidden: list[list[Any]]) -> pa.Table:
-    import torch
-
-    device = base.head.weight.device
-    signals = [
-        pair_signals(b.to(device), c.to(device), torch.tensor(p.chat.token_ids), base.head, calibrated.head)
-        for p, b, c in zip(prepared, hidden[0], hidden[1])
-    ]
+def _pair_table(base: Scorer, calibrated: Scorer, key: str, items: list[tuple[Prepared, Any]]) -> pa.Table:
+    prepared = [p for p, _ in items]
+    signals = [s for _, s in items]
     n = len(prepared)
     columns = {
         "example_id": [p.example_id for p in prepared],

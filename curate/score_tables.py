@@ -58,20 +58,34 @@ def table_from_columns(columns: dict[str, Any], table_schema: pa.Schema) -> pa.T
     return pa.Table.from_arrays(arrays, schema=table_schema)
 
 
+# One row per (example, score key) even if token rows were doubled by an old bug (curate verify reports those).
+# IFD compares the last reply's NLL inside the conversation with the same reply scored alone; for a
+# single-turn example the last reply is the whole response.
 SAMPLE_SCORES_SQL = """
-with chat as (
+with token_rows as (
+    select *
+    from token_scores
+    where score_key = $score_key
+    qualify row_number() over (partition by example_id, variant order by n_tokens desc) = 1
+),
+
+chat as (
     select
         example_id, score_key, model, n_tokens, truncated,
         list_where(logprob, is_response) as response_logprob,
-        list_where(entropy, is_response) as response_entropy
-    from token_scores
-    where score_key = $score_key and variant = 'chat'
+        list_where(entropy, is_response) as response_entropy,
+        list_where(logprob, list_transform(is_response, lambda r, i:
+            r and message_index[i] = list_max(list_where(message_index, is_response)))) as last_reply_logprob
+    from token_rows
+    where variant = 'chat'
 ),
+
 response_only as (
     select example_id, -list_avg(list_where(logprob, is_response)) as mean_nll_response_only
-    from token_scores
-    where score_key = $score_key and variant = 'response_only'
+    from token_rows
+    where variant = 'response_only'
 ),
+
 final as (
     select
         chat.example_id,
@@ -85,10 +99,11 @@ final as (
         list_avg(chat.response_entropy) as mean_entropy,
         -list_sum(chat.response_logprob) as sum_nll,
         response_only.mean_nll_response_only,
-        (-list_avg(chat.response_logprob)) / nullif(response_only.mean_nll_response_only, 0) as ifd
+        (-list_avg(chat.last_reply_logprob)) / nullif(response_only.mean_nll_response_only, 0) as ifd
     from chat
     left join response_only using (example_id)
 )
+
 select * from final order by example_id
 """
 

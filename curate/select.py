@@ -8,24 +8,37 @@ A recipe returns one row per chosen example with ``example_id`` and, where it ma
 The selection holds the rows the trainer (and export) read: ``example_id``, ``messages``,
 ``reference_answer``, ``split``, then the recipe's columns. Audits run before anything is written: ids
 unique and present in ``examples``, masks as long as their tokens, never all zero, and the end-of-turn
-token (the last response token) still trained. A manifest beside the rows records the SQL text and hash,
-the parameters, the input tables' fingerprints, the chat-template hashes of the scores used, and counts.
+token (the last response token) still trained. A row with no response token at all (a conversation cut by
+``--overlong truncate`` before its reply) is dropped with a counted reason, never failing the rest.
+A manifest records the SQL text and hash, the parameters, the input tables' fingerprints, the chat-template
+hashes of the scores used, and counts; it is stored inside the Parquet file (its metadata) and beside it as
+``manifest.json``. The file is replaced in one rename: a reader sees the old selection or the new one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
+from curate.kernel.atomic import write_atomic_text
+from curate.kernel.chat_tokens import with_reply
+from curate.kernel.keys import run_key
+from curate.kernel.runs import recorded_run
 from curate.recipes import Recipe
-from curate.workspace import PART_SUFFIX, Workspace, write_atomic_parquet, write_atomic_text
-from train.chat_tokens import with_reply
+from curate.workspace import PART_SUFFIX, Workspace, write_atomic_parquet
+
+MANIFEST_KEY = b"curate.manifest"
+# rows a recipe returns that cannot be trained on: dropped and counted, never failing the selection
+# (reason, the column the check reads, the query returning the rows to drop)
+DROPS = (
+    ("no_response_tokens", "is_response", "select example_id from chosen where not list_contains(is_response, true)"),
+    ("no_response_tokens", "n_response_tokens", "select example_id from chosen where n_response_tokens = 0"),
+)
 
 _NAME = re.compile(r"[A-Za-z0-9_]+")
 TOKEN_COLUMNS = ("token_ids", "is_response", "loss_mask")
@@ -56,10 +69,12 @@ class SelectReport:
     mask_tokens_kept: int = 0
     mask_tokens_total: int = 0
     response_tokens: int | None = None  # sum of the recipe's n_response_tokens column, when it has one
+    dropped: Counter[str] = field(default_factory=Counter)
     written: str | None = None
 
     def summary(self) -> str:
         lines = [f"selection            {self.name}", f"rows                 {self.rows:>8,}"]
+        lines += [f"dropped              {count:>8,}  ({reason})" for reason, count in sorted(self.dropped.items())]
         lines += [f"  {bucket:<19}{count:>8,}" for bucket, count in sorted(self.buckets.items())]
         if self.response_tokens is not None:
             lines.append(f"response tokens      {self.response_tokens:>8,}")
@@ -70,11 +85,18 @@ class SelectReport:
         return "\n".join(lines)
 
 
+def bind(workspace: Workspace, recipe: Recipe, params: dict[str, str]) -> dict[str, Any]:
+    """The recipe's parameters, typed, with run references turned into keys (checked before anything runs)."""
+    from curate.run_refs import resolve
+
+    return recipe.bind(params, lambda kind, name, value: resolve(workspace, kind, value, parameter=name))
+
+
 def run_recipe(workspace: Workspace, recipe: Recipe, params: dict[str, str]) -> pa.Table:
     """The recipe's rows (no audits, nothing written): what Python users feed to Polars or pandas."""
     from curate.sql import connect
 
-    return _run(connect(workspace), recipe, recipe.bind(params), workspace)
+    return _run(connect(workspace), recipe, bind(workspace, recipe, params), workspace)
 
 
 def _run(con: Any, recipe: Recipe, bound: dict[str, Any], workspace: Workspace) -> pa.Table:
@@ -88,12 +110,32 @@ def _run(con: Any, recipe: Recipe, bound: dict[str, Any], workspace: Workspace) 
 
 
 def select(workspace: Workspace, recipe: Recipe, *, name: str, params: dict[str, str] | None = None, dry_run: bool = False) -> SelectReport:
-    from curate.sql import connect
-
     if not _NAME.fullmatch(name):
         raise ValueError(f"selection name {name!r}: use letters, digits and underscores (it becomes the view selections_{name})")
-    params = params or {}
-    bound = recipe.bind(params)
+    bound = bind(workspace, recipe, params or {})
+    if dry_run:
+        return _choose(workspace, recipe, bound, name)[0]
+    spec = {"recipe": recipe.name, "sql_hash": recipe.sql_hash, "parameters": bound, "inputs": _inputs(workspace, recipe)}
+    with workspace.writing(), recorded_run(workspace.root, "select", run_key(spec), models=[name],
+                                           parameters={**spec, "selection": name}) as record:
+        report, rows, con = _choose(workspace, recipe, bound, name)
+        manifest = _manifest(workspace, recipe, bound, report, con) | {"key": run_key(spec)}
+        table = _materialize(rows)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), MANIFEST_KEY: json.dumps(manifest, default=str).encode()})
+        folder = workspace.table_dir(f"selections/{name}")
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic_parquet(table, folder / f"part-0{PART_SUFFIX}")  # one rename: the old selection or the new one
+        write_atomic_text(folder / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
+        workspace.write_manifest("select", manifest)
+        report.written = str(folder)
+        record.counts = {k: v for k, v in vars(report).items() if k not in ("name", "written")}
+    return report
+
+
+def _choose(workspace: Workspace, recipe: Recipe, bound: dict[str, Any], name: str) -> tuple[SelectReport, pa.Table, Any]:
+    """Run the recipe, drop the rows that cannot train (counted), audit the rest, join the examples."""
+    from curate.sql import connect
+
     con = connect(workspace)
     chosen = _run(con, recipe, bound, workspace)
     if "example_id" not in chosen.column_names:
@@ -102,28 +144,29 @@ def select(workspace: Workspace, recipe: Recipe, *, name: str, params: dict[str,
                          ("is_response", pa.list_(pa.bool_())), ("loss_mask", pa.list_(pa.int8()))):
         if column not in chosen.column_names:
             chosen = chosen.append_column(column, pa.nulls(chosen.num_rows, kind))
-    con.register("chosen", chosen)
+    con.register("recipe_rows", chosen)
+    con.execute("create or replace temp table chosen as select * from recipe_rows")
+    dropped: Counter[str] = Counter()
+    for reason, column, query in DROPS:
+        if column not in chosen.column_names:
+            continue
+        bad = [r[0] for r in con.execute(query).fetchall()]
+        if bad:
+            dropped[reason] += len(bad)
+            con.execute("delete from chosen where list_contains($bad, example_id)", {"bad": bad})
     _audit(con, recipe)
     rows = con.sql(
         "select c.*, e.messages, e.reference_answer, e.split from chosen c join examples e using (example_id) order by example_id"
     ).to_arrow_table()
     report = _report(name, rows)
-    if dry_run:
-        return report
-    table = _materialize(rows)
-    folder = workspace.table_dir(f"selections/{name}")
-    staging = folder.with_name(f".{name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    write_atomic_parquet(table, staging / f"part-0{PART_SUFFIX}")
-    manifest = _manifest(workspace, recipe, bound, report, con)
-    write_atomic_text(staging / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)  # a selection is replaced whole: re-running a recipe never mixes results
-    staging.rename(folder)
-    workspace.write_manifest("select", manifest)
-    report.written = str(folder)
-    return report
+    report.dropped = dropped
+    return report, rows, con
+
+
+def read_manifest(table: pa.Table) -> dict[str, Any]:
+    """The manifest a selection's Parquet file carries (written with its rows, in the same file)."""
+    raw = (table.schema.metadata or {}).get(MANIFEST_KEY)
+    return json.loads(raw) if raw else {}
 
 
 def _audit(con: Any, recipe: Recipe) -> None:
@@ -169,16 +212,17 @@ def _report(name: str, rows: pa.Table) -> SelectReport:
     return report
 
 
+def _inputs(workspace: Workspace, recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """Fingerprints of the tables the recipe reads (names, sizes and times of their parts)."""
+    from curate.kernel.fingerprint import table_fingerprint
+
+    return {table: {"parts": len(workspace.parts(table)), "fingerprint": table_fingerprint(folder)}
+            for table, folder in workspace.tables().items()
+            if not table.startswith("selections_") and re.search(rf"\b{table}\b", recipe.sql)}
+
+
 def _manifest(workspace: Workspace, recipe: Recipe, bound: dict[str, Any], report: SelectReport, con: Any) -> dict[str, Any]:
-    inputs = {}
-    for table in workspace.tables():
-        if table.startswith("selections_") or not re.search(rf"\b{table}\b", recipe.sql):
-            continue
-        digest = hashlib.sha256()
-        for part in workspace.parts(table):
-            stat = part.stat()
-            digest.update(f"{part.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-        inputs[table] = {"parts": len(workspace.parts(table)), "fingerprint": digest.hexdigest()[:16]}
+    inputs = _inputs(workspace, recipe)
     keys = [str(v) for v in bound.values() if isinstance(v, str)]
     templates = []
     if "token_scores" in inputs and keys:

@@ -12,6 +12,7 @@ without any change here.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,19 +33,25 @@ def _quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def connect(workspace: Workspace | str | Path, *, database: str = ":memory:") -> "duckdb.DuckDBPyConnection":
+def connect(workspace: Workspace | str | Path, *, database: str = ":memory:",
+            tables: dict[str, Path] | None = None) -> "duckdb.DuckDBPyConnection":
+    """DuckDB with a view per table (``tables``: only these; default every table in the workspace)."""
     import duckdb
 
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     if not ws.root.is_dir():
         raise FileNotFoundError(f"workspace {ws.root} does not exist; create it with `curate ingest ... --workspace`")
     con = duckdb.connect(database)
-    for name, folder in ws.tables().items():
+    for name, folder in (ws.tables() if tables is None else tables).items():
         pattern = _quote_literal(str(folder / f"*{PART_SUFFIX}"))
-        con.execute(
-            f"create or replace view {_quote_identifier(name)} as "
-            f"select * from read_parquet({pattern}, union_by_name = true)"
-        )
+        try:
+            con.execute(
+                f"create or replace view {_quote_identifier(name)} as "
+                f"select * from read_parquet({pattern}, union_by_name = true)"
+            )
+        except duckdb.Error as err:  # a damaged part: the other tables stay usable
+            print(f"warning: table {name} is left out: {str(err).splitlines()[0]} (see curate verify --workspace {ws.root})",
+                  file=sys.stderr)
     return con
 
 

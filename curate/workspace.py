@@ -2,20 +2,28 @@
 
 Parts are written to a temporary name and renamed into place, so a reader never sees a half-written file:
 after a crash a table holds only whole parts, and the stage that crashed redoes only what is missing.
-Every stage run also leaves a JSON manifest under ``manifests/``.
+One process writes at a time (``Workspace.writing``, a lock in ``.curate/lock``); readers never wait.
+Every stage run is recorded in the ``runs`` table (curate.kernel.runs) and leaves a JSON manifest under
+``manifests/``. Folders whose name starts with a dot (the lock, staging folders) are never tables.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
+import shutil
+import sys
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from curate.kernel.atomic import is_stale, write_atomic, write_atomic_text
+from curate.kernel.lock import writer_lock
 
 PART_SUFFIX = ".parquet"
 
@@ -33,7 +41,7 @@ class Workspace:
     def parts(self, name: str) -> list[Path]:
         """The finished Parquet parts of a table, in a stable order (temporary files are never listed)."""
         folder = self.table_dir(name)
-        return sorted(folder.glob(f"*{PART_SUFFIX}")) if folder.is_dir() else []
+        return sorted(p for p in folder.glob(f"*{PART_SUFFIX}") if not p.name.startswith(".")) if folder.is_dir() else []
 
     def has_table(self, name: str) -> bool:
         return bool(self.parts(name))
@@ -42,13 +50,17 @@ class Workspace:
         """Every table in the workspace: a folder holding Parquet parts, found at any depth.
 
         Nested folders get names joined by underscores: ``selections/easy`` is ``selections_easy``.
+        Hidden folders (a leading dot: the lock, staging folders of a write in progress) are skipped.
         """
         found: dict[str, Path] = {}
         if not self.root.is_dir():
             return found
         for folder in sorted(p for p in self.root.rglob("*") if p.is_dir()):
-            if any(folder.glob(f"*{PART_SUFFIX}")):
-                found["_".join(folder.relative_to(self.root).parts)] = folder
+            relative = folder.relative_to(self.root).parts
+            if any(part.startswith(".") for part in relative):
+                continue
+            if any(not p.name.startswith(".") for p in folder.glob(f"*{PART_SUFFIX}")):
+                found["_".join(relative)] = folder
         return found
 
     def read_column(self, name: str, column: str) -> list[Any]:
@@ -57,6 +69,19 @@ class Workspace:
         if not parts:
             return []
         return pq.read_table([str(p) for p in parts], columns=[column]).column(column).to_pylist()
+
+    @contextlib.contextmanager
+    def writing(self, command: str | None = None) -> Iterator[None]:
+        """Hold this workspace's writer lock for the block (re-entrant; a second process refuses at once)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with writer_lock(self.root, command=command) as stale:
+            if stale:
+                removed = [p for p in self.root.rglob(".*") if is_stale(p)]
+                for path in removed:  # no other writer runs: what the dead one left is garbage
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                print(f"note: took over the workspace lock left by pid {stale.get('pid')} ({stale.get('command')}), "
+                      f"which is no longer running; removed {len(removed)} temporary file(s) it left", file=sys.stderr)
+            yield
 
     def write_part(self, name: str, table: pa.Table, *, schema: pa.Schema) -> Path | None:
         """Atomically add one Parquet part to a table; returns its path (None for an empty table)."""
@@ -80,21 +105,7 @@ class Workspace:
 
 
 def write_atomic_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    _fsync_and_replace(tmp, path)
-
-
-def write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync_and_replace(tmp, path)
-
-
-def _fsync_and_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def rows_to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:

@@ -77,52 +77,106 @@ def reference(smollm2_dir: Path):
     return open_scorer(str(smollm2_dir), engine="transformers", dtype="float32", top_k=5)
 
 
-@pytest.fixture(scope="session")
+def _closing(opened):
+    """Yield an engine and shut it down after the module that used it: engines do not pile up in one process."""
+    yield opened
+    opened.close()
+
+
+@pytest.fixture(scope="module")
 def vllm_scorer(smollm2_dir: Path):
-    """One float32 vLLM pooling engine for the session (start-up takes ~15 s on 2 cores)."""
+    """A float32 vLLM pooling engine for a test module (start-up takes ~15 s on 2 cores)."""
     pytest.importorskip("vllm")
     from curate.score import open_scorer
 
-    return open_scorer(str(smollm2_dir), engine="vllm", dtype="float32", top_k=5)
+    yield from _closing(open_scorer(str(smollm2_dir), engine="vllm", dtype="float32", top_k=5))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_bf16_scorer(smollm2_dir: Path):
-    """The vLLM engine at the default scoring precision, bfloat16."""
+    """The vLLM engine in bfloat16 (the default precision on a CPU with native bf16)."""
     pytest.importorskip("vllm")
     from curate.score import open_scorer
 
-    return open_scorer(str(smollm2_dir), engine="vllm", dtype="bfloat16", top_k=5)
+    yield from _closing(open_scorer(str(smollm2_dir), engine="vllm", dtype="bfloat16", top_k=5))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def teacher(smollm2_dir: Path):
-    """One vLLM generation engine for the session."""
+    """A vLLM generation engine (float32: greedy traces are compared with transformers' generate)."""
     pytest.importorskip("vllm")
     from curate.generate import open_teacher
 
-    return open_teacher(str(smollm2_dir), max_len=2048)
+    yield from _closing(open_teacher(str(smollm2_dir), dtype="float32", max_len=2048))
 
 
-# ---- a tiny randomly initialised model with the real SmolLM2 tokenizer (fast trainer tests) --------------
+def copy_workspace(ws, target: Path):
+    """A writable copy of a shared workspace."""
+    import shutil
+
+    from curate.workspace import Workspace
+
+    shutil.copytree(ws.root, target, ignore=shutil.ignore_patterns(".curate"))
+    return Workspace(target)
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2's config cut to 2 layers, hidden 128, 2 heads of 64 (6.6M params; vLLM's CPU attention
+def scored_subset(gsm8k_workspace, reference, tmp_path_factory: pytest.TempPathFactory):
+    """SUBSET scored once per test run under the transformers reference, IFD included: tests that only read
+    scores share it (copy it before writing)."""
+    import shutil
+
+    from curate.score import score
+    from curate.workspace import Workspace
+
+    ws = Workspace(tmp_path_factory.mktemp("scored") / "ws")
+    ws.root.mkdir()
+    shutil.copytree(gsm8k_workspace.table_dir("examples"), ws.table_dir("examples"))
+    score(ws, reference, where=SUBSET, ifd=True, progress=False)
+    return ws
+
+
+# ---- a tiny randomly initialised model with the real SmolLM2 tokenizer (fast tests) --------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir() -> Path:
+    """SmolLM2's tokenizer (with its chat template) without converting its weights: the fast tier needs only
+    this. Taken from the converted model when it is there, else read from the GGUF once and kept."""
+    from curate import models
+    from curate.kernel.atomic import staged_directory
+
+    converted = models.cache_dir() / "smollm2"
+    if (converted / "tokenizer.json").is_file():
+        return converted
+    kept = REPO / ".cache" / "tokenizers" / "smollm2"
+    if not (kept / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        from curate.bundled import smollm2_gguf
+
+        gguf = smollm2_gguf()
+        with staged_directory(kept) as staging:
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
+    return kept
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's architecture cut to 2 layers, hidden 128, 2 heads of 64 (6.6M params; vLLM's CPU attention
     refuses head_dim 16), seeded, saved as a normal checkpoint with the real tokenizer."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    config = AutoConfig.from_pretrained(smollm2_dir)
-    config.num_hidden_layers, config.hidden_size, config.intermediate_size = 2, 128, 256
-    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 2, 64
-    config.max_position_embeddings = 2048
+    config = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, head_dim=64, max_position_embeddings=2048, rms_norm_eps=9.999999747378752e-06,
+                         rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, unk_token_id=0, architectures=["LlamaForCausalLM"])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     target = tmp_path_factory.mktemp("tiny")
     model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(target)
+    AutoTokenizer.from_pretrained(smollm2_tokenizer_dir).save_pretrained(target)
     return target
 
 

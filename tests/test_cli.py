@@ -59,3 +59,58 @@ def test_cli_reports_bad_options(tmp_path: Path, capsys) -> None:
     assert "--map expects SOURCE=TARGET" in capsys.readouterr().err
     assert main(["ingest", "nothing-here", "-w", str(tmp_path)]) == 1
     assert "neither a file, a directory, nor a built-in source" in capsys.readouterr().err
+
+
+def test_cli_select_with_params_and_export(tmp_path: Path, capsys) -> None:
+    from test_recipes import examples, samples
+    from curate.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    names = [f"e{i:02d}" for i in range(1, 7)]
+    examples(ws, names)
+    samples(ws, [(n, 0.1 * i, 1.0, 10) for i, n in enumerate(names, start=1)], key="0123456789012345")
+    assert main(["select", "ppl_band", "-w", str(ws.root), "--param", "score_key=0123456789012345", "--param", "band=max",
+                 "--param", "fraction=0.5", "--name", "hard"]) == 0
+    assert "rows                        3" in capsys.readouterr().out
+    assert main(["select", "ppl_band", "-w", str(ws.root), "--param", "fraction=lots", "--param", "score_key=x"]) == 1
+    assert "parameter fraction expects a number, got 'lots'" in capsys.readouterr().err
+    assert main(["select", "ppl_band", "-w", str(ws.root), "--param", "score_key=smollm2"]) == 1
+    assert "score_key = 'smollm2': no finished score run matches it" in capsys.readouterr().err
+    assert main(["export", "hard", "-w", str(ws.root), "--format", "jsonl"]) == 0
+    out = (ws.root / "exports" / "hard" / "jsonl" / "train.jsonl").read_text().splitlines()
+    assert len(out) == 3 and "exported selection hard as jsonl" in capsys.readouterr().out
+
+
+def test_concurrent_model_pulls_take_turns(tmp_path: Path, monkeypatch) -> None:
+    import threading
+    import time as clock
+
+    from curate import models
+
+    monkeypatch.setenv("CURATE_MODELS", str(tmp_path / "cache"))
+    conversions = []
+
+    def slow_convert(gguf, out):  # stands in for the GGUF conversion: slow, writes a checkpoint
+        conversions.append(out)
+        clock.sleep(0.5)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", slow_convert)
+    monkeypatch.setattr(models, "_check_loads", lambda directory: None)
+    bundled = models.BundledModel("smollm2", "a stand-in", lambda: Path(__file__))  # any existing file as the GGUF
+    monkeypatch.setitem(models.BUNDLED_MODELS, "smollm2", bundled)
+    results, errors = [], []
+
+    def pull() -> None:
+        try:
+            results.append(models.pull("smollm2"))
+        except Exception as err:  # noqa: BLE001 - the test reports any failure
+            errors.append(err)
+
+    threads = [threading.Thread(target=pull) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(set(results)) == 1 and len(conversions) == 1  # one converted, the others waited and reused it
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".smollm2.lock", "smollm2"]

@@ -32,7 +32,7 @@ def selected(tmp_path: Path, tiny_model_dir: Path) -> tuple[Workspace, Path]:
     import pyarrow as pa
 
     from curate import schema
-    from train.chat_tokens import tokenize_chat
+    from curate.kernel.chat_tokens import tokenize_chat
 
     rows = [{"system": "Be brief.", "prompt": f"What is {i} + {i}?", "completion": f"{i} + {i} = {2 * i}.\n#### {2 * i}"} for i in range(1, 9)]
     ws = Workspace(tmp_path / "ws")
@@ -77,6 +77,27 @@ def test_tokenized_formats_keep_the_masks(selected) -> None:
         assert len(row["labels"]) == len(row["input_ids"]) == len(row["attention_mask"]) == len(mask)
         assert [label != -100 for label in row["labels"]] == [bool(m) for m in mask]
         assert all(label in (-100, token) for label, token in zip(row["labels"], row["input_ids"]))
+
+
+def test_an_export_replaces_its_folder_whole_and_writes_nothing_when_it_refuses(selected, tmp_path: Path) -> None:
+    ws, model = selected
+    out = tmp_path / "out"
+    export(ws, "whole", "jsonl", out=out)
+    export(ws, "whole", "llamafactory", out=out)  # the same folder, another format
+    assert sorted(p.name for p in out.iterdir()) == ["dataset_info.json", "export.json", "train.json"]  # no train.jsonl left
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ValueError, match="has token masks"):
+        export(ws, "masked", "jsonl", out=out)
+    with pytest.raises(ValueError, match="pass --model"):
+        export(ws, "masked", "axolotl", out=out)
+    assert sorted(p.name for p in out.iterdir()) == before  # refused before writing anything
+    assert not (ws.root / "exports").exists() and not list(tmp_path.glob(".out*"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="is not a curate export"):
+        export(ws, "whole", "jsonl", out=mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.model

@@ -39,10 +39,17 @@ def test_best_of_n_prefers_correct_then_complete_then_shortest(workspace: Worksp
         choose_best(workspace, "g", rule="student-logprob")
 
 
-def test_from_names_a_selection_or_passes_sql_through(workspace: Workspace) -> None:
-    assert source_predicate(workspace, "split = 'pool'") == "split = 'pool'"
+def test_from_names_a_selection_a_predicate_or_a_query(workspace: Workspace) -> None:
+    from test_recipes import examples
+
+    examples(workspace, ["a", "b", "c"])
+    assert source_predicate(workspace, "split = 'pool'") == "(split = 'pool')"
     workspace.write_part("selections/hard", pa.table({"example_id": ["x"]}), schema=pa.schema([("example_id", pa.string())]))
     assert "selections_hard" in source_predicate(workspace, "hard")
+    query = source_predicate(workspace, "select example_id from examples order by example_id limit 2;")
+    assert connect(workspace).execute(f"select example_id from examples where {query} order by 1").fetchall() == [("a",), ("b",)]
+    with pytest.raises(ValueError, match=r"--from 'selec example_id' is not usable SQL.*whole query that returns example_id"):
+        source_predicate(workspace, "selec example_id")
 
 
 @pytest.mark.model

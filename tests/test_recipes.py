@@ -231,3 +231,54 @@ def test_qtuning_offline_token_mask_matches_a_python_reference_on_multi_turn_row
     table = run_recipe(workspace, load_recipe("qtuning_offline"), {"score_key": KEY, "r_sample": "1.0", "r_token": "0.4"}).to_pylist()
     assert {r["example_id"]: r["bucket"] for r in table} == {name: "q2" if name >= "r10" else "q4" for name in names}
     assert {r["example_id"]: r["loss_mask"] for r in table if r["bucket"] == "q2"} == expected
+
+
+def test_probe_hard_takes_the_valid_examples_at_or_above_the_high_quantile(workspace: Workspace) -> None:
+    names = [f"e{i}" for i in range(1, 10)]
+    examples(workspace, names)
+    examples(workspace, ["h1"], split="heldout")
+    put(workspace, "probe_scores", [{"example_id": n, "probe_key": "p", "entropy_norm": i / 10, "is_valid": n != "e9"}
+                                    for i, n in enumerate(names, start=1)]
+        + [{"example_id": "h1", "probe_key": "p", "entropy_norm": 0.99, "is_valid": True},
+           {"example_id": "e1", "probe_key": "other", "entropy_norm": 0.99, "is_valid": True}])
+    # valid pool entropies 0.1 .. 0.8: q75 (linear) = 0.625 -> e7 (0.7), e8 (0.8); e9 is invalid, h1 held out
+    assert ids(workspace, "probe_hard", probe_key="p") == ["e7", "e8"]
+    assert ids(workspace, "probe_hard", probe_key="p", high_quantile=0.5) == ["e5", "e6", "e7", "e8"]
+
+
+def test_audits_refuse_a_mask_of_the_wrong_length_and_a_mask_on_a_replaced_reply(scored: Workspace, tmp_path) -> None:
+    short = tmp_path / "short.sql"
+    short.write_text("select 'e01' as example_id, [1, 2, 3] as token_ids, [false, true, true] as is_response, "
+                     "[0, 1]::tinyint[] as loss_mask")
+    with pytest.raises(AuditError, match="mask_length_differs: 1 row"):
+        select(scored, load_recipe(short), name="short")
+    replaced = tmp_path / "replaced.sql"
+    replaced.write_text("select 'e01' as example_id, 'a new reply' as assistant_text, [1, 2, 3] as token_ids, "
+                        "[false, true, true] as is_response, [0, 1, 1]::tinyint[] as loss_mask")
+    with pytest.raises(AuditError, match="mask_with_replaced_answer: 1 row"):
+        select(scored, load_recipe(replaced), name="replaced")
+    assert not scored.table_dir("selections/short").exists() and not scored.table_dir("selections/replaced").exists()
+
+
+def test_a_reselect_replaces_the_selection_in_one_rename_and_a_failed_one_keeps_it(scored: Workspace, tmp_path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from curate.select import read_manifest
+
+    select(scored, load_recipe("ppl_band"), name="band", params={"score_key": KEY, "band": "max", "fraction": "0.2"})
+    part = scored.table_dir("selections/band") / "part-0.parquet"
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: renames.append((str(a), str(b))) or real_replace(a, b))
+    select(scored, load_recipe("ppl_band"), name="band", params={"score_key": KEY, "band": "min", "fraction": "0.1"})
+    into_selection = [target for _, target in renames if "/selections/" in target]
+    assert into_selection[0] == str(part)  # the new rows took the old file's place: no moment without a selection
+    table = pa.parquet.read_table(part)
+    assert table.num_rows == 1 and read_manifest(table)["parameters"]["band"] == "min"  # rows and manifest in one file
+    bad = tmp_path / "bad.sql"
+    bad.write_text("select 'nope' as example_id")
+    with pytest.raises(AuditError):
+        select(scored, load_recipe(bad), name="band")
+    assert pa.parquet.read_table(part).num_rows == 1  # a failed select leaves the old selection as it was
+    assert not [p for p in scored.table_dir("selections").rglob(".*")]  # and no temporaries

@@ -30,7 +30,7 @@ def filled(tmp_path: Path, workspace):
 def test_views_for_each_table(filled) -> None:
     con = sql.connect(filled)
     names = {name for (name,) in con.execute("select view_name from duckdb_views() where not internal").fetchall()}
-    assert names == {"examples", "rejects"}
+    assert names == {"examples", "rejects", "runs"}  # runs: the ingest's record
     counts = dict(con.execute(QUERY).fetchall())
     assert sum(counts.values()) == 40 and set(counts) == {"heldout", "pool"}
 
@@ -82,4 +82,4 @@ def test_cli_sql_errors_are_clear(tmp_path: Path, capsys) -> None:
 def test_cli_sql_error_names_the_tables(filled, capsys) -> None:
     assert main(["sql", "select * from sample_scores", "-w", str(filled.root)]) == 1
     err = capsys.readouterr().err
-    assert "sample_scores does not exist" in err and "tables in this workspace: examples, rejects" in err
+    assert "sample_scores does not exist" in err and "tables in this workspace: examples, rejects, runs" in err

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, write_parquet
-from train.chat_tokens import tokenize_chat
+from curate.kernel.chat_tokens import tokenize_chat
 from train.data import DataError, load_examples, read_table
 from train.objectives import eksft_mask, qtuning_samples, qtuning_tokens, token_stats
 from train.sft import TrainConfig, collate, load_model, run_calibrate, run_sft, train
@@ -37,7 +37,7 @@ def chats_parquet(tmp_path: Path) -> Path:
 
 
 def _config(data: Path, model: Path, out: Path, **options) -> TrainConfig:
-    defaults = {"lora_r": 8, "lr": 5e-3, "batch_size": 4, "epochs": 1.0, "max_len": 128, "seed": 0}
+    defaults = {"lora_r": 8, "lr": 5e-3, "batch_size": 4, "epochs": 1.0, "max_len": 128, "seed": 0, "precision": "float32"}
     return TrainConfig(data=str(data), model=str(model), out=str(out), **(defaults | options))
 
 
@@ -202,3 +202,72 @@ def test_calibrated_checkpoint_reproduces_the_adapter(chats_parquet: Path, tiny_
     for t in range(1, ids.shape[1]):
         token = int(ids[0, t])
         assert prompt_logprobs[t][token].logprob == pytest.approx(float(adapter_logp[t - 1, token]), abs=2e-3)
+
+
+def test_gradient_accumulation_does_not_change_the_loss_or_the_gradient(chats_parquet: Path, tiny_model_dir: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """One step over 8 examples: a micro-batch of 8, or 4 micro-batches of 2 accumulated, gives the same loss and
+    the same gradient at the optimizer step (normalised by the step's trained tokens, not per micro-batch)."""
+    gradients: list[list[torch.Tensor]] = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        gradients.append([p.grad.clone() for group in self.param_groups for p in group["params"] if p.grad is not None])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    losses = []
+    for batch_size, grad_accum in ((8, 1), (2, 4)):
+        _, _, summary = train(_config(chats_parquet, tiny_model_dir, tmp_path, lora_r=0, batch_size=batch_size,
+                                      grad_accum=grad_accum, max_steps=1), progress=False)
+        losses.append(summary["log"][0]["loss"])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    whole, accumulated = gradients
+    scale = max(float(g.abs().max()) for g in whole)
+    assert all(torch.allclose(a, b, atol=1e-5 * scale) for a, b in zip(whole, accumulated))
+
+
+def test_train_eval_reports_answer_nll_and_grades_numbers_and_choices(tiny_model_dir: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import train.evaluate
+
+    rows = _chats(2) + [{"example_id": "mc", "reference_answer": "C", "messages": [
+        {"role": "user", "content": "Which is largest?\nA) 1\nB) 2\nC) 3"}, {"role": "assistant", "content": "Answer: C"}]}]
+    data = write_parquet(tmp_path / "heldout.parquet", rows)
+    completions = {"What is 2 plus 3?": "2 plus 3 is 5.\n#### 5", "What is 3 plus 4?": "#### 8", "Which is largest?": "The answer is (C)."}
+    monkeypatch.setattr(train.evaluate, "generate_greedy", lambda model_dir, model, tokenizer, prompts, **_: (
+        [next(v for k, v in completions.items() if p[-1]["content"].startswith(k)) for p in prompts], "stub"))
+    metrics = train.evaluate.evaluate(str(tiny_model_dir), str(data))
+    assert metrics["correct"] == 2 and metrics["with_reference"] == 3 and metrics["accuracy"] == pytest.approx(2 / 3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    expected = []
+    for row in rows:  # teacher-forced NLL of the response tokens, by hand
+        chat = tokenize_chat(tokenizer, row["messages"])
+        ids = torch.tensor([chat.token_ids])
+        with torch.no_grad():
+            logp = model(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+        expected.append(float(-logp[torch.tensor(chat.is_response[1:])].mean()))
+    assert metrics["mean_answer_nll"] == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+
+
+def test_a_failed_run_leaves_no_checkpoint_folder(chats_parquet: Path, tiny_model_dir: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import train.sft
+
+    out = tmp_path / "calibrated"
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt  # killed after training, while the checkpoint is being written
+
+    monkeypatch.setattr(train.sft, "write_run_files", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_calibrate(_config(chats_parquet, tiny_model_dir, out, fraction=0.5, max_steps=1), progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".calibrated*"))  # nothing a scorer could load, no leftovers
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="exists and is not a train output"):
+        run_sft(_config(chats_parquet, tiny_model_dir, tmp_path / "mine", max_steps=1), progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from curate.kernel.machine import PRECISIONS
 from train.sft import METHODS, TrainConfig
 
 DESCRIPTION = """\
@@ -84,7 +85,10 @@ def _training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--split", help="keep only rows of this split (e.g. pool)")
     parser.add_argument("--limit", type=int, help="first N rows only")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on AVX-512 CPUs and GPUs)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="autocast precision; auto (default): bfloat16 where it is native (GPUs, CPUs with AVX-512 BF16 "
+                             "or AMX), float32 elsewhere (emulated bf16 is several times slower)")
+    parser.add_argument("--bf16", dest="precision", action="store_const", const="bfloat16", help="same as --precision bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -93,7 +97,7 @@ def _config(args: argparse.Namespace, **extra) -> TrainConfig:
     return TrainConfig(
         data=args.data, model=args.model, out=args.out, lora_r=0 if args.full else args.lora_r, epochs=args.epochs,
         lr=args.lr, max_len=args.max_len, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps,
-        split=args.split, limit=args.limit, bf16=args.bf16, seed=args.seed, **extra,
+        split=args.split, limit=args.limit, precision=args.precision, seed=args.seed, **extra,
     )
 
 

@@ -3,7 +3,7 @@
 Accepted input: a Parquet file, a folder of Parquet parts (a `curate` table such as ``ws/examples`` or a
 selection ``ws/selections/NAME``), any tool's output with the same columns:
 - ``messages`` list<struct<role, content>> (required): tokenized with the model's chat template; by
-  default the loss covers the assistant content and its end-of-turn token (train.chat_tokens);
+  default the loss covers the assistant content and its end-of-turn token (curate.kernel.chat_tokens);
 - ``loss_mask`` list<int or bool> (optional): one entry per token of that tokenization, 1 = train on this
   token (it predicts the token from the ones before it). When present it replaces the default mask;
 - ``input_ids`` list<int> (optional): the token ids the mask was made with; checked against our own
@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from train.chat_tokens import TemplateError, tokenize_chat
+from curate.kernel.chat_tokens import TemplateError, tokenize_chat
 
 REQUIRED = ("messages",)
 

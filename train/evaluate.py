@@ -1,5 +1,6 @@
 """``train eval``: mean answer NLL on held-out examples (teacher-forced, response tokens) and exact-match
-accuracy of greedy generations, with the same answer extraction as curate's traces (train.answers).
+accuracy of greedy generations, graded as curate grades traces (curate.kernel.answers.grade: numbers, and
+multiple-choice letters when the reference answer is one).
 
 A LoRA adapter directory (``adapter_config.json``) is loaded on its base model; for vLLM it is merged into
 a temporary checkpoint first (vLLM's LoRA path is not used: with prompt log-probs it is buggy upstream).
@@ -15,10 +16,11 @@ from typing import Any
 
 import torch
 
-from train.answers import extract_answer, normalize_answer
-from train.chat_tokens import encode_text, prompt_turns, render, tokenize_chat
+from curate.kernel.answers import grade
+from curate.kernel.chat_tokens import encode_text, prompt_turns, render, tokenize_chat
+from curate.kernel.machine import device
+from curate.kernel.vllm_factory import close_llm, open_llm
 from train.data import read_table
-from train.devices import device, vllm_machine_options
 from train.objectives import token_stats
 from train.sft import load_tokenizer
 
@@ -68,7 +70,7 @@ def _has_vllm() -> bool:
 
 
 def _generate_vllm(model_dir: str, model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int) -> list[str]:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     with tempfile.TemporaryDirectory() as merged:
@@ -77,10 +79,10 @@ def _generate_vllm(model_dir: str, model: Any, tokenizer: Any, texts: list[str],
             model.save_pretrained(merged)
             tokenizer.save_pretrained(merged)
             path = merged
-        llm = LLM(path, dtype="float32", max_model_len=2048, **vllm_machine_options())
+        llm = open_llm(path, dtype="float32", max_len=2048)
         prompts = [TokensPrompt(prompt_token_ids=encode_text(tokenizer, t)) for t in texts]
         outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
-        del llm
+        close_llm(llm)
     return [o.outputs[0].text for o in outputs]
 
 
@@ -108,10 +110,11 @@ def evaluate(model: str, data: str, *, split: str | None = None, limit: int | No
     checked = [(prompt_turns(c), r) for c, r in zip(conversations, references) if r is not None]
     if checked:
         completions, used = generate_greedy(model, loaded, tokenizer, [p for p, _ in checked], max_new_tokens=max_new_tokens, engine=engine)
-        answers = [extract_answer(text) for text in completions]
-        correct = [a is not None and a == normalize_answer(r) for a, (_, r) in zip(answers, checked)]
+        graded = [grade(text, reference) for text, (_, reference) in zip(completions, checked)]
+        correct = [bool(ok) for _, ok in graded]
         metrics |= {"accuracy": sum(correct) / len(correct), "with_reference": len(checked), "correct": sum(correct),
-                    "no_answer": sum(a is None for a in answers), "generation_engine": used, "max_new_tokens": max_new_tokens}
+                    "no_answer": sum(answer is None for answer, _ in graded), "generation_engine": used,
+                    "max_new_tokens": max_new_tokens}
     else:
         metrics |= {"accuracy": None, "with_reference": 0}
     metrics["seconds"] = time.perf_counter() - started

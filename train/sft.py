@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from curate.kernel.atomic import staged_directory
+from curate.kernel.machine import PRECISIONS, device, resolve_precision
 from train.data import TrainExample, load_examples, read_table, sample_fraction
-from train.devices import device
 from train.objectives import eksft_mask, kl_to_reference, qtuning_samples, qtuning_tokens, sample_ppl_and_entropy, token_stats
 
 METHODS = ("sft", "eksft", "qtuning")
@@ -49,13 +50,15 @@ class TrainConfig:
     split: str | None = None  # keep only rows of this split (a `split` column, as in curate's examples)
     limit: int | None = None  # first N rows only
     fraction: float | None = None  # random share of rows (calibration's warm-up slice)
-    bf16: bool = False  # bfloat16 autocast (about 2x faster on AVX-512 CPUs and on GPUs)
+    precision: str = "auto"  # autocast: auto = bfloat16 where native (GPUs, CPUs with AVX-512 BF16 or AMX), else float32
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         for name in ("eksft_ratio", "r_sample", "r_token", "smoothing"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -140,7 +143,8 @@ def select_targets(config: TrainConfig, model: Any, reference: Any, batch: dict[
 
 
 def _autocast(config: TrainConfig):
-    return torch.autocast(device_type=device(), dtype=torch.bfloat16, enabled=config.bf16)
+    precision = resolve_precision(config.precision)
+    return torch.autocast(device_type=device(), dtype=getattr(torch, precision), enabled=precision != "float32")
 
 
 def train(config: TrainConfig, *, progress: bool = True) -> tuple[Any, Any, dict[str, Any]]:
@@ -202,19 +206,70 @@ def train(config: TrainConfig, *, progress: bool = True) -> tuple[Any, Any, dict
 
 
 def run_sft(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Train and write: the adapter (LoRA) or model (full), the resolved config, metrics.jsonl, loss_curve.png."""
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, summary = train(config, progress=progress)
-    target = out / ("adapter" if config.lora_r else "model")
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    write_run_files(out, config, summary)
-    return summary | {"saved": str(target)}
+    """Train and write: the adapter (LoRA) or model (full), the resolved config, metrics.jsonl, loss_curve.png.
+
+    Everything is written into a staging folder that replaces ``--out`` whole at the end: a killed run
+    leaves no folder that looks finished (and its staging folder is removed when it fails)."""
+    with _run_record(config, "sft") as record, checkpoint_folder(config.out) as out:
+        model, tokenizer, summary = train(config, progress=progress)
+        target = out / ("adapter" if config.lora_r else "model")
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        write_run_files(out, config, summary)
+        record.counts = _counts(summary)
+    return summary | {"saved": str(Path(config.out) / target.name)}
+
+
+def checkpoint_folder(out: str | Path):
+    """A staging folder that becomes ``out`` when the block succeeds. An existing ``out`` is replaced only if
+    it is an earlier run's output (it holds train_config.json), never a folder of something else."""
+    target = Path(out).expanduser().resolve()
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / RUN_FILE).is_file())):
+        raise ValueError(f"--out {target} exists and is not a train output (no {RUN_FILE}): pick a new folder")
+    return staged_directory(target)
+
+
+def _counts(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if k not in ("log", "load")}
+
+
+def _run_record(config: TrainConfig, stage: str):
+    """The run's row in the workspace its data comes from (``ws/selections/NAME``, ``ws/examples``), if any."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from curate.kernel.fingerprint import model_fingerprint, table_fingerprint
+    from curate.kernel.keys import run_key
+    from curate.kernel.runs import model_names, recorded_run
+
+    workspace = find_workspace(config.data)
+    if workspace is None:
+        return contextlib.nullcontext(SimpleNamespace(counts={}))
+    model_dir = Path(config.model)
+    spec = {"config": {k: v for k, v in asdict(config).items() if k not in ("out", "data", "extra")},
+            "precision": resolve_precision(config.precision),
+            "model": model_fingerprint(model_dir) if (model_dir / "config.json").is_file() else config.model,
+            "data": table_fingerprint(config.data)}
+    return recorded_run(workspace, stage, run_key(spec), models=model_names(str(config.out), str(Path(config.out).resolve())),
+                        parameters={**spec, "data": config.data, "out": config.out, "model_path": config.model},
+                        fingerprints={"model": spec["model"], "data": spec["data"]})
+
+
+def find_workspace(data: str | Path) -> Path | None:
+    """The curate workspace a data path lies in (a folder holding ``examples/`` or ``.curate/``), or None."""
+    path = Path(data).expanduser().resolve()
+    for folder in [path, *path.parents]:
+        if (folder / ".curate").is_dir() or (folder / "examples").is_dir():
+            return folder
+    return None
+
+
+RUN_FILE = "train_config.json"
 
 
 def write_run_files(out: Path, config: TrainConfig, summary: dict[str, Any]) -> None:
-    (out / "train_config.json").write_text(json.dumps({"config": asdict(config), "device": device(), "torch": torch.__version__,
+    (out / RUN_FILE).write_text(json.dumps({"config": asdict(config), "precision": resolve_precision(config.precision),
+                                            "device": device(), "torch": torch.__version__,
                                                       **{k: v for k, v in summary.items() if k != "log"}}, indent=2) + "\n")
     with open(out / "metrics.jsonl", "w") as handle:
         for record in summary["log"]:
@@ -240,14 +295,15 @@ def plot_losses(log: list[dict[str, Any]], path: Path, *, title: str) -> None:
 
 def run_calibrate(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """InstructDiff's calibrated model: LoRA SFT on a random warm-up slice, merged into a normal checkpoint
-    (config + safetensors + tokenizer) that vLLM and transformers both load."""
+    (config + safetensors + tokenizer) that vLLM and transformers both load. Written through a staging
+    folder, so a killed calibration never leaves a checkpoint folder that a scorer would load."""
     if not config.lora_r:
         raise ValueError("calibration merges a LoRA adapter: use --lora-r > 0")
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, summary = train(config, progress=progress)
-    merged = model.merge_and_unload()
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    write_run_files(out, config, summary)
-    return summary | {"saved": str(out)}
+    with _run_record(config, "calibrate") as record, checkpoint_folder(config.out) as out:
+        model, tokenizer, summary = train(config, progress=progress)
+        merged = model.merge_and_unload()
+        merged.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        write_run_files(out, config, summary)
+        record.counts = _counts(summary)
+    return summary | {"saved": str(Path(config.out))}

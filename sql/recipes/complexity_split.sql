@@ -7,12 +7,12 @@
 --   trace are left out (the paper distils only where a trace exists). Invalid probe answers are dropped.
 -- grain: one row per selected example
 -- parameters:
---   probe_key: the probe run (probe_scores.probe_key)
---   gen_key: the generation run whose best_traces give the hard examples' replies
---   rule = shortest: the best-of-n rule (best_traces.rule)
---   low_quantile = 0.25: easy below this quantile of normalised entropy
---   high_quantile = 0.75: hard at or above this one
---   split = pool: which split to draw from
+--   probe_key (probe_run): the probe run (probe_scores.probe_key)
+--   gen_key (generate_run): the generation run whose best_traces give the hard examples' replies
+--   rule (text) = shortest: the best-of-n rule (best_traces.rule)
+--   low_quantile (float) = 0.25: easy below this quantile of normalised entropy
+--   high_quantile (float) = 0.75: hard at or above this one
+--   split (text) = pool: which split to draw from
 -- output: example_id, bucket, entropy_norm, assistant_text
 
 with probed as (

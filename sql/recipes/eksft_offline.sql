@@ -7,10 +7,10 @@
 --   kept: it teaches the model to stop. Signals of token t come from the logits that predicted it.
 -- grain: one row per example, with a token mask
 -- parameters:
---   base_key: score key of the base model (token_scores.score_key, its entropy)
---   pair_key: the pair run with this base (pair_scores.pair_key, its KL)
---   ratio = 0.2: share of response tokens in each top-k
---   split = pool: which split to draw from
+--   base_key (score_run): score key of the base model (token_scores.score_key, its entropy)
+--   pair_key (pair_run): the pair run with this base (pair_scores.pair_key, its KL)
+--   ratio (float) = 0.2: share of response tokens in each top-k
+--   split (text) = pool: which split to draw from
 -- output: example_id, token_ids, is_response, loss_mask, n_response_tokens, bucket
 
 with scored as (

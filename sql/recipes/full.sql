@@ -2,7 +2,7 @@
 -- description: every example of the split: the baseline every selection is compared with.
 -- grain: one row per example
 -- parameters:
---   split = pool: which split to take
+--   split (text) = pool: which split to take
 -- output: example_id, bucket
 
 with pool as (

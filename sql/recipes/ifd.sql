@@ -4,9 +4,9 @@
 --   a mismatched pair), as in Cherry LLM. Needs `curate score --ifd`.
 -- grain: one row per selected example
 -- parameters:
---   score_key: the scoring run (sample_scores.score_key) that ran with --ifd
---   fraction = 0.1: share of the scored examples to keep
---   split = pool: which split to draw from
+--   score_key (score_run): the scoring run (sample_scores.score_key) that ran with --ifd
+--   fraction (float) = 0.1: share of the scored examples to keep
+--   split (text) = pool: which split to draw from
 -- output: example_id, ifd, n_response_tokens, bucket
 
 with scored as (

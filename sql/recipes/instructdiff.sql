@@ -6,12 +6,12 @@
 --   as fit in that many response tokens (the authors' code).
 -- grain: one row per selected example
 -- parameters:
---   base_key: score key of the base model (sample_scores.score_key)
---   calibrated_key: score key of the calibrated model
---   trim = 0.1: share dropped at each end by delta_nll (gamma)
---   fraction = 0.1: share of the scored pool selected (beta), when budget_tokens is 0
---   budget_tokens = 0: response-token budget instead of a sample share (0: use fraction)
---   split = pool: which split to draw from
+--   base_key (score_run): score key of the base model (sample_scores.score_key)
+--   calibrated_key (score_run): score key of the calibrated model
+--   trim (float) = 0.1: share dropped at each end by delta_nll (gamma)
+--   fraction (float) = 0.1: share of the scored pool selected (beta), when budget_tokens is 0
+--   budget_tokens (int) = 0: response-token budget instead of a sample share (0: use fraction)
+--   split (text) = pool: which split to draw from
 -- output: example_id, delta_nll, delta_entropy, n_response_tokens, bucket
 
 with base as (

@@ -3,9 +3,9 @@
 --   "longest is best" baseline.
 -- grain: one row per selected example
 -- parameters:
---   score_key: the scoring run whose sample_scores give n_response_tokens
---   fraction = 0.1: share of the scored examples to keep
---   split = pool: which split to draw from
+--   score_key (score_run): the scoring run whose sample_scores give n_response_tokens
+--   fraction (float) = 0.1: share of the scored examples to keep
+--   split (text) = pool: which split to draw from
 -- output: example_id, n_response_tokens, bucket
 
 with scored as (

@@ -3,10 +3,10 @@
 --   response under the scoring model: the perplexity baselines.
 -- grain: one row per selected example
 -- parameters:
---   score_key: the scoring run (sample_scores.score_key)
---   band = mid: min, mid or max
---   fraction = 0.1: share of the scored examples to keep
---   split = pool: which split to draw from
+--   score_key (score_run): the scoring run (sample_scores.score_key)
+--   band (text) = mid: min, mid or max
+--   fraction (float) = 0.1: share of the scored examples to keep
+--   split (text) = pool: which split to draw from
 -- output: example_id, ppl, n_response_tokens, bucket
 
 with band as (

@@ -4,9 +4,9 @@
 --   then `curate generate --from probe_hard` makes the teacher traces that `complexity_split` trains on.
 -- grain: one row per hard example
 -- parameters:
---   probe_key: the probe run (probe_scores.probe_key)
---   high_quantile = 0.75: hard at or above this quantile (use the same value in complexity_split)
---   split = pool: which split to draw from
+--   probe_key (probe_run): the probe run (probe_scores.probe_key)
+--   high_quantile (float) = 0.75: hard at or above this quantile (use the same value in complexity_split)
+--   split (text) = pool: which split to draw from
 -- output: example_id, entropy_norm, bucket
 
 with probed as (

@@ -11,11 +11,11 @@
 --   plus the end-of-turn token. The online version is `train sft --method qtuning`.
 -- grain: one row per kept example; Q2 rows carry a token mask
 -- parameters:
---   score_key: the scoring run (sample_scores and token_scores)
---   r_sample = 0.25: share of the examples kept (Q2 and Q4 together, at most)
---   r_token = 0.5: share of response tokens kept in Q2 examples
---   smoothing = 0.5: lambda, the neighbours' weight in the token score
---   split = pool: which split to draw from
+--   score_key (score_run): the scoring run (sample_scores and token_scores)
+--   r_sample (float) = 0.25: share of the examples kept (Q2 and Q4 together, at most)
+--   r_token (float) = 0.5: share of response tokens kept in Q2 examples
+--   smoothing (float) = 0.5: lambda, the neighbours' weight in the token score
+--   split (text) = pool: which split to draw from
 -- output: example_id, bucket, alpha, ppl, mean_entropy, token_ids, is_response, loss_mask, n_response_tokens
 
 with samples as (

@@ -3,10 +3,10 @@
 --   up to at most the budget: the "same budget" baseline for any other selection.
 -- grain: one row per selected example
 -- parameters:
---   score_key: the scoring run whose sample_scores give n_response_tokens
---   budget_tokens: response tokens to spend (e.g. what another selection kept)
---   seed = 0: changes the random order
---   split = pool: which split to draw from
+--   score_key (score_run): the scoring run whose sample_scores give n_response_tokens
+--   budget_tokens (int): response tokens to spend (e.g. what another selection kept)
+--   seed (int) = 0: changes the random order
+--   split (text) = pool: which split to draw from
 -- output: example_id, n_response_tokens, bucket
 
 with scored as (

@@ -5,6 +5,12 @@ Response tokens are an assistant message's content plus the end-of-turn token ri
 role header (``<|im_start|>assistant\\n``) and the template's glue between turns are not. Spans come from
 rendering growing prefixes of the conversation, so they are exact for any template whose rendering of the
 first k messages is a prefix of the rendering of all of them (checked, with a clear error otherwise).
+
+A message's content is looked for inside that message's own stretch of the rendering, last occurrence
+first: a template may write text before the first message (SmolLM2's default system prompt), and a short
+reply such as "Face" must not be found inside it.
+
+``SPANS_VERSION`` names these rules; it is part of every run key that depends on them (curate.kernel.keys).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from typing import Any, Sequence
 
 Message = dict[str, str]
 OUTSIDE = -1  # message index of tokens that belong to no message (template text after the last turn)
+# Bump when the rules below change which tokens are response tokens (a test pins it to this file's code).
+SPANS_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -72,19 +80,22 @@ def tokenize_chat(tokenizer: Any, messages: Sequence[Message]) -> ChatTokens:
         raise TemplateError("the tokenizer has no chat template; pass a model whose tokenizer defines one")
     full = render(tokenizer, messages)
     # message i covers characters [starts[i], starts[i + 1]); its response part is [content[i][0], content[i][1])
-    starts, response_spans = [], []
-    for i, message in enumerate(messages):
+    starts = []
+    for i in range(len(messages)):
         before = render(tokenizer, messages[:i])
         _require_prefix(before, full, i)
         starts.append(len(before))
-        if message["role"] == "assistant":
-            header = render(tokenizer, messages[:i], generation_prompt=True)
-            _require_prefix(header, full, i)
-            begin = full.find(message["content"], len(header))
-            if begin < 0:
-                raise TemplateError(f"the chat template changes the text of message {i}; cannot locate its content")
-            response_spans.append((i, begin, begin + len(message["content"])))
     starts.append(len(full))
+    response_spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        header = render(tokenizer, messages[:i], generation_prompt=True)
+        _require_prefix(header, full, i)
+        begin = full.rfind(message["content"], max(starts[i], len(header)), starts[i + 1])
+        if begin < 0:
+            raise TemplateError(f"the chat template changes the text of message {i}; cannot locate its content")
+        response_spans.append((i, begin, begin + len(message["content"])))
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = encoded["input_ids"]
     offsets: list[tuple[int, int]] = encoded["offset_mapping"]

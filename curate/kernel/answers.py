@@ -1,4 +1,5 @@
-"""Final-answer extraction and number normalisation, shared by ingest (reference answers) and traces.
+"""Final-answer extraction, number normalisation and grading, shared by ingest (reference answers), traces
+(curate generate) and evaluation (train eval): one ``grade`` decides correctness everywhere.
 
 Styles, tried in this order by ``auto``:
 - ``hash``: GSM8K's ``#### 18`` marker (last one wins)
@@ -15,6 +16,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
+KINDS = ("numeric", "choice")
 STYLES = ("auto", "hash", "boxed", "answer-is", "last-number", "choice")
 
 _NUMBER = r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
@@ -96,3 +98,29 @@ def _choice(text: str) -> str | None:
 
 
 _EXTRACTORS = {"hash": _hash, "boxed": _boxed, "answer-is": _answer_is, "last-number": _last_number, "choice": _choice}
+
+
+_LETTER = re.compile(r"[A-Ja-j]")
+
+
+def kind_of(reference_answer: str | None) -> str:
+    """``choice`` when the reference answer is a single option letter (A-J), else ``numeric``."""
+    return "choice" if reference_answer is not None and _LETTER.fullmatch(reference_answer.strip()) else "numeric"
+
+
+def grade(text: str, reference: str | None, *, kind: str | None = None) -> tuple[str | None, bool | None]:
+    """The final answer extracted from a completion, and whether it equals the reference (None: no reference).
+
+    ``kind`` (numeric or choice) is read from the reference when not given: a single letter is a
+    multiple-choice answer, compared case-insensitively; anything else is compared after normalisation."""
+    kind = kind or kind_of(reference)
+    if kind not in KINDS:
+        raise ValueError(f"unknown answer kind {kind!r}; choose one of {', '.join(KINDS)}")
+    extracted = extract_answer(text, "choice" if kind == "choice" else "auto")
+    if reference is None:
+        return extracted, None
+    if extracted is None:
+        return None, False
+    if kind == "choice":
+        return extracted, extracted.upper() == reference.strip().upper()
+    return extracted, extracted == normalize_answer(reference)

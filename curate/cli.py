@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipes(verbs)
     _add_export(verbs)
     _add_plot(verbs)
+    _add_instructdiff(verbs)
+    _add_study(verbs)
     _add_runs(verbs)
     _add_verify(verbs)
     _add_models(verbs)
@@ -247,6 +249,9 @@ def _add_score(verbs: argparse._SubParsersAction) -> None:
     parser.add_argument("--ifd", action="store_true", help="also score each response without its instruction (IFD)")
     parser.add_argument("--max-len", type=int, help="context limit in tokens (default: the model's)")
     parser.add_argument("--overlong", choices=("skip", "truncate"), default="skip", help="examples longer than --max-len")
+    parser.add_argument("--prompt-format", choices=("chat", "alpaca"), default="chat",
+                        help="chat (the model's chat template; default) or alpaca (InstructDiff's reference: the Alpaca prompt, "
+                             "plain text, no end-of-sequence token; works for base models without a chat template)")
     parser.add_argument("--shard-size", type=int, default=128, help="examples per written part (the resume unit)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -256,7 +261,8 @@ def _run_score(args: argparse.Namespace) -> int:
     from curate.stream import example_predicate
 
     example_predicate(args.workspace, args.where)  # a bad filter fails now, not after the model loaded
-    options = {"engine": args.engine, "dtype": args.dtype, "top_k": args.top_k, "max_len": args.max_len, "overlong": args.overlong}
+    options = {"engine": args.engine, "dtype": args.dtype, "top_k": args.top_k, "max_len": args.max_len, "overlong": args.overlong,
+               "prompt_format": args.prompt_format}
     common = {"where": args.where, "shard_size": args.shard_size, "progress": not args.quiet}
     with args.workspace.writing():  # a second writer refuses before any model loads
         if args.pair:
@@ -484,6 +490,79 @@ def _run_plot(args: argparse.Namespace) -> int:
     with args.workspace.writing():
         for path in plot(args.workspace, score_key=score_key, probe_key=probe_key, out=args.out):
             print(path)
+    return 0
+
+
+# ---- instructdiff -------------------------------------------------------------------------------------------
+
+
+def _add_instructdiff(verbs: argparse._SubParsersAction) -> None:
+    parser = _verb(
+        verbs,
+        "instructdiff",
+        "InstructDiff's iterations as one resumable command: calibrator 1 on a random warm-up slice of the pool "
+        "(seed 42), calibrator k >= 2 trained from the base on selection k-1; each scored against the fixed base "
+        "(score --pair) and selected again (recipe instructdiff -> selections/instructdiff_K). A re-run finishes "
+        "what is missing. The reference fine-tunes the calibrators fully: --full or --preset instructdiff-math.",
+        "curate instructdiff --workspace ws --model smollm2 --iterations 3 --full --prompt-format alpaca",
+        _run_instructdiff,
+    )
+    _workspace_arg(parser)
+    parser.add_argument("--model", required=True, help="the base model: bundled alias, checkpoint directory, or hub id")
+    parser.add_argument("--iterations", type=int, default=3, help="K (default 3, the reference's maths runs; 5 for medical)")
+    parser.add_argument("--warmup-fraction", type=float, default=0.1, help="share of the pool calibrator 1 trains on (default 0.1)")
+    parser.add_argument("--split", default="pool", help="the split to score and select from (default pool)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="an instructdiff recipe parameter (trim, share, budget, ...)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--full", dest="lora_r", action="store_const", const=0, help="full fine-tuning (the reference)")
+    size.add_argument("--lora-r", type=int, help="LoRA rank of the calibrators (default 16; a deviation from the reference)")
+    parser.add_argument("--preset", help="training preset for the calibrators (train sft --help lists them)")
+    parser.add_argument("--epochs", type=float)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--max-len", type=int)
+    parser.add_argument("--prompt-format", choices=("chat", "alpaca"), default="chat", help="scoring format (alpaca: the reference's)")
+    _engine_args(parser)
+    parser.add_argument("--out", type=Path, help="where the calibrators go (default WORKSPACE/models/instructdiff)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _run_instructdiff(args: argparse.Namespace) -> int:
+    from curate.instructdiff import iterate
+
+    training = {k: v for k, v in {"lora_r": args.lora_r, "epochs": args.epochs, "lr": args.lr, "max_len": args.max_len,
+                                  "preset": args.preset}.items() if v is not None}
+    report = iterate(args.workspace, model=args.model, iterations=args.iterations, warmup_fraction=args.warmup_fraction,
+                     split=args.split, params=_key_values(args.param, "--param"), training=training, engine=args.engine,
+                     dtype=args.dtype, prompt_format=args.prompt_format, out=args.out, progress=not args.quiet)
+    print(report.summary())
+    return 0
+
+
+# ---- study --------------------------------------------------------------------------------------------------
+
+
+def _add_study(verbs: argparse._SubParsersAction) -> None:
+    parser = _verb(
+        verbs,
+        "study",
+        "An equal-budget comparison of selection methods on your data: prepares the scores, calibrated model, probe "
+        "and traces the arms need, brings every arm (full and random built in; any recipe with its parameters) to "
+        "the same trained-token budget within 2%, trains each arm x seed, evaluates on the held-out set, and writes "
+        "studies/NAME/results.parquet, report.md and study.png. Resumable: a re-run redoes only what is missing.",
+        "curate study gsm8k --workspace ws",
+        _run_study,
+    )
+    parser.add_argument("spec", help="the study spec, a TOML or YAML file, or a bundled study's name (gsm8k: curate/studies/gsm8k.toml)")
+    _workspace_arg(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    from curate.study import load_spec, run_study
+
+    folder = run_study(args.workspace, load_spec(args.spec), progress=not args.quiet)
+    print((folder / "report.md").read_text())
+    print(f"results: {folder / 'results.parquet'} (curate sql \"select * from studies_{folder.name}\"), picture: {folder / 'study.png'}")
     return 0
 
 

@@ -1,10 +1,12 @@
 """``make demo``: the whole pipeline on the bundled SmolLM2 and GSM8K, through the Python API.
 
-ingest -> score (vLLM, IFD) -> probe -> teacher traces for the probe's hard split -> calibrate (LoRA on 10%
-of the pool, merged) -> pair scores (KL) -> every recipe -> export -> a short SFT on one selection -> eval
-on held-out problems -> one summary table, and the pictures. SmolLM2-135M is also the teacher and the
-student: it is the only model these machines can load, so the numbers show the machinery, not a recipe's
-worth. Every stage resumes: a second run reuses what the first wrote.
+ingest -> score (vLLM, IFD) -> probe -> teacher traces for the probe's hard split -> calibrate (on a random
+10% of the demo pool, seed 42, merged) -> pair scores (KL) -> every recipe, with the tokens each trains ->
+export -> a small study: the two-stage complexity pipeline against random data at the same trained-token
+budget, one seed, evaluated on held-out problems -> pictures, and the HTML report of one selection.
+SmolLM2-135M is also the teacher and the student: it is the only model these machines can load, so the
+numbers show the machinery, not a recipe's worth (the bundled study, `curate study gsm8k`, is the
+comparison). Every stage resumes: a second run reuses what the first wrote.
 
     python -m curate.demo [--workspace demo-workspace] [--full]
 """
@@ -12,12 +14,12 @@ worth. Every stage resumes: a second run reuses what the first wrote.
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 from pathlib import Path
 
-QUICK = {"where": "split = 'pool' and example_id >= 'ec'", "heldout": 30, "max_new_tokens": 200, "trace_tokens": 200}
-FULL = {"where": "split = 'pool'", "heldout": 357, "max_new_tokens": 256, "trace_tokens": 512}
+QUICK = {"where": "split = 'pool' and example_id >= 'ec'", "heldout": 30, "trace_tokens": 200}
+FULL = {"where": "split = 'pool'", "heldout": 357, "trace_tokens": 512}
+TRAINING = {"epochs": 2, "max_len": 384, "batch_size": 4, "lr": 5e-4}
 
 
 class Steps:
@@ -45,9 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     from curate.recipes import load_recipe
     from curate.score import open_scorer, pair_key, score, score_pair
     from curate.select import select
+    from curate.study import examples_table
     from curate.workspace import Workspace
-    from train.evaluate import evaluate
-    from train.sft import TrainConfig, run_calibrate, run_sft
+    from train.sft import TrainConfig, run_calibrate
 
     step = Steps()
     ws = Workspace(args.workspace)
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     step("answer-entropy probe")
     probed = probe(ws, base, where=size["where"])
     print(probed.summary())
+    base.close()
 
     step("teacher traces for the probe's hard split")
     select(ws, load_recipe("probe_hard"), name="probe_hard", params={"probe_key": probed.key})
@@ -70,70 +73,91 @@ def main(argv: list[str] | None = None) -> None:
     print(traced.summary())
     print(f"best-of-2 (shortest correct): {choose_best(ws, traced.key, rule='shortest')} examples")
 
-    step("calibrate: LoRA on a random 10% of the pool, merged")
+    step("calibrate: LoRA on a random 10% of the demo pool (seed 42), merged")
     calibrated_dir = ws.root / "models" / "calibrated"
     if not (calibrated_dir / "config.json").is_file():
-        run_calibrate(TrainConfig(data=str(ws.table_dir("examples")), split="pool", fraction=0.1, model=base_dir,
-                                  out=str(calibrated_dir), max_len=512))
+        pool = examples_table(ws, size["where"], ws.root / "demo" / "pool")
+        run_calibrate(TrainConfig(data=str(pool), fraction=0.1, seed=42, model=base_dir, out=str(calibrated_dir), max_len=384))
     step("pair scores: base vs calibrated")
-    calibrated = open_scorer(str(calibrated_dir), engine="vllm")
+    base = open_scorer(base_dir, engine="vllm", together=2)
+    calibrated = open_scorer(str(calibrated_dir), engine="vllm", together=2)
     print(score_pair(ws, base, calibrated, where=size["where"]).summary())
+    keys = {"score_key": base.key, "base_key": base.key, "calibrated_key": calibrated.key, "pair_key": pair_key(base, calibrated),
+            "probe_key": probed.key, "gen_key": traced.key}
     base.close()
     calibrated.close()
-    pair = pair_key(base, calibrated)
-    keys = {"score_key": base.key, "base_key": base.key, "calibrated_key": calibrated.key, "pair_key": pair,
-            "probe_key": probed.key, "gen_key": traced.key}
 
     step("every recipe")
-    reports = {}
+    selections = {}
     for path in sorted(Path(load_recipe("full").path).parent.glob("*.sql")):
         recipe = load_recipe(path)
         params = {name: keys[name] for name in recipe.parameters if name in keys}
         if recipe.name in ("ppl_band", "entropy_band"):
             for band in ("min", "mid", "max") if recipe.name == "ppl_band" else ("min", "max"):
-                reports[f"{recipe.name}_{band}"] = select(ws, recipe, name=f"{recipe.name}_{band}", params=params | {"band": band})
+                selections[f"{recipe.name}_{band}"] = select(ws, recipe, name=f"{recipe.name}_{band}", params=params | {"band": band})
             continue
         if recipe.name == "random_budget":
             continue  # needs the budget of another selection: below
-        reports[recipe.name] = select(ws, recipe, name=recipe.name, params=params)
-    budget = reports["instructdiff"].response_tokens or 1
-    reports["random_budget"] = select(ws, load_recipe("random_budget"), name="random_budget",
-                                      params={"score_key": keys["score_key"], "budget_tokens": str(budget)})
+        selections[recipe.name] = select(ws, recipe, name=recipe.name, params=params)
+    budget = selections["instructdiff"].response_tokens or 1
+    selections["random_budget"] = select(ws, load_recipe("random_budget"), name="random_budget",
+                                         params={"score_key": keys["score_key"], "budget_tokens": str(budget)})
 
     step("export")
     for name, fmt in (("qtuning_offline", "trl"), ("eksft_offline", "axolotl"), ("complexity_split", "llamafactory"), ("full", "jsonl")):
         print(f"{name} as {fmt}: {export(ws, name, fmt, model=base_dir)}")
 
-    step("short SFT on the complexity split (answer-only easy/middle + teacher traces for hard)")
-    run = ws.root / "runs" / "complexity_split"
-    if not (run / "adapter" / "adapter_config.json").is_file():
-        run_sft(TrainConfig(data=str(ws.table_dir("selections/complexity_split")), model=base_dir, out=str(run),
-                            epochs=2, max_len=512, batch_size=4))
-    step(f"evaluate on {size['heldout']} held-out problems (greedy, {size['max_new_tokens']} new tokens)")
-    evaluations = {}
-    for label, model in (("base SmolLM2", base_dir), ("SFT on complexity_split", str(run / "adapter"))):
-        evaluations[label] = evaluate(model, str(ws.table_dir("examples")), split="heldout", limit=size["heldout"],
-                                      max_new_tokens=size["max_new_tokens"])
-        gc.collect()
+    step("a small study: the two-stage complexity pipeline vs random data at its trained-token budget, one seed")
+    study = small_study(ws, base_dir, size, keys)
 
-    step("pictures")
+    step("pictures and the report of one selection")
     pictures = plot(ws, score_key=keys["score_key"], probe_key=keys["probe_key"])
-    summary(reports, evaluations, pictures)
+    report_path = write_report(ws, "qtuning_offline")
+    summary(ws, base_dir, selections, study, pictures, report_path)
     print(f"\ndone in {time.perf_counter() - step.started:,.0f} s; workspace: {ws.root}")
 
 
-def summary(reports: dict, evaluations: dict, pictures: list[Path]) -> None:
-    print("\n| selection | rows | response tokens trained |\n|---|---|---|")
-    for name, report in sorted(reports.items()):
-        tokens = report.response_tokens
-        if report.masked_rows:
-            unmasked = (report.response_tokens or 0) - report.mask_tokens_total
-            tokens = report.mask_tokens_kept + max(unmasked, 0)
-        print(f"| {name} | {report.rows:,} | {tokens:,} |" if tokens is not None else f"| {name} | {report.rows:,} | n/a |")
-    print("\n| model | held-out examples | mean answer NLL | accuracy |\n|---|---|---|---|")
-    for label, metrics in evaluations.items():
-        print(f"| {label} | {metrics['examples']} | {metrics['mean_answer_nll']:.3f} | {metrics['accuracy']:.1%} |")
-    print("\npictures: " + ", ".join(str(p) for p in pictures))
+def small_study(ws, base_dir: str, size: dict, keys: dict) -> Path:
+    """random vs complexity_split at the complexity split's own trained tokens: the study machinery, small."""
+    from curate.select import choose
+    from curate.recipes import load_recipe
+    from curate.study import Arm, StudySpec, TokenCounter, run_study
+
+    complexity = {"probe_key": keys["probe_key"], "gen_key": keys["gen_key"]}
+    counter = TokenCounter(base_dir, TRAINING["max_len"])
+    budget = sum(counter.per_row(choose(ws, load_recipe("complexity_split"), complexity)).values())
+    spec = StudySpec(name="demo", model=base_dir, pool=size["where"], heldout="split = 'heldout'", heldout_limit=size["heldout"],
+                     arms=[Arm("random"), Arm("complexity", "complexity_split", complexity)], seeds=[0],
+                     budget_share=None, budget_tokens=budget, training=TRAINING, prepare={"score": False}, full_seeds=0)
+    return run_study(ws, spec)
+
+
+def write_report(ws, selection: str) -> Path | None:
+    """The self-contained HTML report of one selection (curate report), when that command is there."""
+    try:
+        from curate.report import write_report as write
+    except ImportError:
+        return None
+    return write(ws, selection)
+
+
+def summary(ws, base_dir: str, selections: dict, study: Path, pictures: list[Path], report_path: Path | None) -> None:
+    """Per selection its rows and the response tokens the trainer trains on it (token masks included)."""
+    import pyarrow.parquet as pq
+
+    from curate.study import TokenCounter
+
+    counter = TokenCounter(base_dir, TRAINING["max_len"])
+    print("\n| selection | rows | stages | response tokens trained |\n|---|---|---|---|")
+    for name, report in sorted(selections.items()):
+        table = pq.read_table(ws.table_dir(f"selections/{name}") / "part-0.parquet")
+        stages = sorted(set(table.column("stage").to_pylist())) if "stage" in table.column_names else []
+        tokens = sum(counter.per_row(table).values())
+        print(f"| {name} | {report.rows:,} | {', '.join(map(str, stages)) or '-'} | {tokens:,} |")
+    print("\n" + (study / "report.md").read_text())
+    print("pictures: " + ", ".join(str(p) for p in [*pictures, study / "study.png"]))
+    if report_path is not None:
+        print(f"report of selection qtuning_offline: {report_path}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from curate.kernel.machine import resolve_precision
 from curate.kernel.runs import recorded_run
 from curate.kernel.vllm_factory import EngineOptions, close_llm, open_llm
 from curate.prompt_templates import PromptTemplate, pick, templates_for
+from curate.records import example_fields
 from curate.score_tables import table_from_columns
 from curate.stream import done_ids, example_predicate, example_shards, pending_sizes
 from curate.verify import check_tables
@@ -181,7 +182,7 @@ def generate(
         examples, _ = pending_sizes(workspace, where, set())
         bar = tqdm(total=max(examples * sampling.n - len(done), 0), desc="generate", unit=" trace", disable=not progress, file=sys.stderr)
         pending: list[_Request] = []
-        columns = ("example_id", "messages", "reference_answer")
+        columns = ("example_id", "messages", "reference_answer", "meta")
         for shard in example_shards(workspace, where, batch_size, columns):
             for row in shard:
                 requests = _requests(teacher, templates, sampling, key, row, report)
@@ -204,9 +205,10 @@ def _requests(
     teacher: Teacher, templates: dict[str, PromptTemplate], sampling: Sampling, key: str, row: dict[str, Any], report: GenerateReport
 ) -> list[_Request]:
     reference = row["reference_answer"]
-    kind, template = pick(templates, reference)
+    fields = example_fields(row["meta"])
+    kind, template = pick(templates, reference, fields)
     try:
-        prompt = template.apply(row["messages"])
+        prompt = template.apply(row["messages"], fields)
     except ValueError:
         report.skipped["no_user_turn"] += 1
         return []

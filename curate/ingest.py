@@ -82,6 +82,7 @@ class SourceOptions:
     answer_style: str | None = None
     answer_field: str | None = None
     heldout_fraction: float = 0.0
+    transform: Any = None  # a built-in source's record transform (curate.bundled)
 
 
 class IngestConflict(ValueError):
@@ -221,7 +222,8 @@ def _file_identity(label: str, path: Path, options: SourceOptions) -> dict[str, 
     stat = path.stat()
     return {"source": label, "path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
             "format": options.fmt, "map": dict(options.column_map), "extract_answer": options.answer_style,
-            "answer_field": options.answer_field, "heldout_fraction": options.heldout_fraction}
+            "answer_field": options.answer_field, "heldout_fraction": options.heldout_fraction,
+            "transform": getattr(options.transform, "__name__", None)}
 
 
 def split_of(example: str, heldout_fraction: float) -> str:
@@ -255,8 +257,9 @@ def _resolve(
             fmt=fmt,
             column_map=column_map or builtin.column_map,
             answer_style=answer_style or builtin.answer_style,
-            answer_field=answer_field,
+            answer_field=answer_field or builtin.answer_field,
             heldout_fraction=builtin.heldout_fraction if heldout_fraction is None else heldout_fraction,
+            transform=builtin.transform,
         )
         return [(builtin.name, builtin.path(), options)]
     options = SourceOptions(fmt, column_map or {}, answer_style, answer_field, heldout_fraction or 0.0)
@@ -264,7 +267,7 @@ def _resolve(
 
 
 def _example(data: dict[str, Any], row: int, label: str, path: Path, options: SourceOptions) -> dict[str, Any] | BadRow:
-    record = apply_column_map(data, options.column_map)
+    record = apply_column_map(options.transform(data) if options.transform else data, options.column_map)
     try:
         fmt = options.fmt or detect_format(record)
         messages = to_messages(record, fmt)

@@ -29,6 +29,7 @@ from curate.kernel.chat_tokens import encode_text
 from curate.kernel.keys import run_key
 from curate.kernel.runs import recorded_run
 from curate.prompt_templates import PromptTemplate, pick, templates_for
+from curate.records import example_fields
 from curate.score import Scorer
 from curate.score_tables import table_from_columns
 from curate.stream import done_ids, example_predicate, example_shards, pending_sizes
@@ -49,7 +50,9 @@ class ProbeReport:
     rows: int = 0  # all rows under this key, this run and earlier ones
     valid: int = 0
     correct: int = 0
+    not_sure: int = 0  # "0" answers to the reference multiple-choice prompt (left out, as the reference does)
     roc_auc: float | None = None
+    auc_by_category: dict[str, float | None] = field(default_factory=dict)
 
     def summary(self) -> str:
         auc = f"{self.roc_auc:.3f}" if self.roc_auc is not None else "n/a (needs both correct and wrong answers)"
@@ -64,6 +67,10 @@ class ProbeReport:
             f"correct first token  {self.correct:>8,}  ({self.correct / max(self.valid, 1):.1%} of valid)",
             f"ROC AUC (1 - H/maxH) {auc}",
         ]
+        if self.not_sure:
+            lines.insert(-2, f"not sure (\"0\")      {self.not_sure:>8,}")
+        lines += [f"  {category:<26}{value:.3f}" if value is not None else f"  {category:<26}n/a"
+                  for category, value in self.auc_by_category.items()]
         return "\n".join(lines)
 
 
@@ -111,7 +118,7 @@ def probe(
         started = time.perf_counter()
         pending_count, _ = pending_sizes(workspace, predicate, done)
         bar = tqdm(total=pending_count, desc="probe", unit=" ex", disable=not progress, file=sys.stderr)
-        columns = ("example_id", "messages", "reference_answer")
+        columns = ("example_id", "messages", "reference_answer", "meta")
         for shard in example_shards(workspace, predicate, shard_size, columns):
             pending = [row for row in shard if row["example_id"] not in done]
             report.already_done += len(shard) - len(pending)
@@ -134,9 +141,16 @@ class _Asked:
     example_id: str
     template: PromptTemplate
     prompt_ids: list[int]
-    reference_answer: str
+    reference_answer: str  # what the model should answer: the number, the letter, or the option number
     expected_id: int
     kind: str
+    options: int  # how many numbered options the prompt showed (kind "options")
+    category: str | None
+
+
+def option_number(reference: str) -> str:
+    """The 1-based option number of a reference letter (A -> 1): the answer the reference prompt asks for."""
+    return str(ord(reference.strip().upper()) - ord("A") + 1)
 
 
 def _ask(scorer: Scorer, templates: dict[str, PromptTemplate], row: dict[str, Any], report: ProbeReport) -> _Asked | None:
@@ -144,12 +158,15 @@ def _ask(scorer: Scorer, templates: dict[str, PromptTemplate], row: dict[str, An
     if reference is None or not reference.strip():
         report.skipped["no_reference_answer"] += 1
         return None
-    kind, template = pick(templates, reference)
+    fields = example_fields(row["meta"])
+    kind, template = pick(templates, reference, fields)
     try:
-        messages = template.apply(row["messages"])
+        messages = template.apply(row["messages"], fields)
     except ValueError:
         report.skipped["no_user_turn"] += 1
         return None
+    if kind == "options":
+        reference = option_number(reference)
     tokenizer = scorer.tokenizer
     prompt = template.render_prompt(tokenizer, messages)
     prompt_ids = encode_text(tokenizer, prompt)
@@ -167,7 +184,9 @@ def _ask(scorer: Scorer, templates: dict[str, PromptTemplate], row: dict[str, An
     while len(answer_ids) > 1 and not tokenizer.decode([answer_ids[0]]).strip():
         prompt_ids.append(answer_ids.pop(0))
     expected = answer_ids[0]
-    return _Asked(row["example_id"], template, prompt_ids, reference.strip(), expected, kind)
+    category = fields.get("category") or fields.get("subject")
+    return _Asked(row["example_id"], template, prompt_ids, reference.strip(), expected, kind,
+                  len(fields.get("choices") or []), str(category) if category else None)
 
 
 def first_token_distribution(scorer: Scorer, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -185,7 +204,7 @@ def _probe_table(scorer: Scorer, key: str, asked: list[_Asked]) -> pa.Table:
     entropy, greedy = first_token_distribution(scorer, [a.prompt_ids for a in asked])
     texts = [scorer.tokenizer.decode([int(t)]) for t in greedy]
     expected_texts = [scorer.tokenizer.decode([a.expected_id]) for a in asked]
-    valid = [_is_valid(text, a.kind) for text, a in zip(texts, asked)]
+    valid = [_is_valid(text, a) for text, a in zip(texts, asked)]
     correct = [
         bool(ok and (int(t) == a.expected_id or _same_answer_start(text, expected, a.kind)))
         for ok, t, a, text, expected in zip(valid, greedy, asked, texts, expected_texts)
@@ -208,14 +227,20 @@ def _probe_table(scorer: Scorer, key: str, asked: list[_Asked]) -> pa.Table:
         "expected_token_id": [a.expected_id for a in asked],
         "is_valid": valid,
         "is_correct": correct,
+        "category": [a.category for a in asked],
+        "not_sure": [a.kind == "options" and text.strip() == "0" for a, text in zip(asked, texts)],
     }
     return table_from_columns(columns, schema.PROBE_SCORES)
 
 
-def _is_valid(text: str, kind: str) -> bool:
+def _is_valid(text: str, asked: _Asked) -> bool:
+    """An answer the analysis keeps: a number's start, an option letter, or an option number (not "0", the
+    reference prompt's "not sure")."""
     stripped = text.strip()
-    if kind == "choice":
+    if asked.kind == "choice":
         return bool(_CHOICE.fullmatch(stripped.upper().strip("()")))
+    if asked.kind == "options":
+        return stripped.isdigit() and 1 <= int(stripped) <= asked.options
     return bool(_NUMERIC_START.fullmatch(stripped))
 
 
@@ -250,16 +275,19 @@ def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
 
 
 def _summarise(workspace: Workspace, report: ProbeReport) -> None:
-    """Accuracy and AUC over every row under the key (earlier runs included), valid answers only."""
+    """Accuracy and the ROC AUC of 1 - H / max(H) against correctness over every row under the key (earlier
+    runs included), valid answers only, overall and per category (the reference's per-category AUC)."""
     parts = workspace.parts("probe_scores")
     if not parts:
         return
-    rows = pq.read_table(
-        [str(p) for p in parts], columns=["entropy_norm", "is_valid", "is_correct"], filters=[("probe_key", "=", report.key)]
-    )
-    report.rows = rows.num_rows
-    valid = np.asarray(rows.column("is_valid").to_pylist(), dtype=bool)
-    correct = np.asarray(rows.column("is_correct").to_pylist(), dtype=bool)[valid]
-    confidence = 1.0 - np.asarray(rows.column("entropy_norm").to_pylist(), dtype=float)[valid]
-    report.valid, report.correct = int(valid.sum()), int(correct.sum())
-    report.roc_auc = roc_auc(confidence, correct)
+    rows = pq.read_table([str(p) for p in parts], columns=["entropy", "is_valid", "is_correct", "category", "not_sure"],
+                         filters=[("probe_key", "=", report.key)]).to_pylist()
+    report.rows = len(rows)
+    report.not_sure = sum(bool(r["not_sure"]) for r in rows)
+    valid = [r for r in rows if r["is_valid"]]
+    report.valid, report.correct = len(valid), sum(bool(r["is_correct"]) for r in valid)
+    top = max((r["entropy"] for r in valid), default=0.0) or 1.0
+    report.roc_auc = roc_auc([1 - r["entropy"] / top for r in valid], [bool(r["is_correct"]) for r in valid])
+    for category in sorted({r["category"] for r in valid if r["category"]}):
+        members = [r for r in valid if r["category"] == category]
+        report.auc_by_category[category] = roc_auc([1 - r["entropy"] / top for r in members], [bool(r["is_correct"]) for r in members])

@@ -6,6 +6,7 @@
     -- parameters:
     --   base_key (score_run): the base model's scoring run (required: no default)
     --   trim (float) = 0.1: share dropped at each end by ΔNLL
+    -- audits: duplicate_example_id, unknown_example_id, mask_length_differs   (optional: default all)
     -- output: example_id, ...
 
 Parameters are bound by DuckDB (``$trim`` in the SQL), never by string formatting, with the type the header
@@ -72,6 +73,7 @@ class Recipe:
     output: str
     parameters: dict[str, Parameter] = field(default_factory=dict)
     sql: str = ""
+    audits: tuple[str, ...] | None = None  # the audits its header declares (None: all of them)
 
     @property
     def sql_hash(self) -> str:
@@ -142,8 +144,9 @@ def load_recipe(spec: str | Path) -> Recipe:
         elif key_continues(line) and not in_parameters and header:
             last = list(header)[-1]
             header[last] += " " + line.lstrip("- ").strip()
+    audits = tuple(a.strip() for a in header["audits"].split(",") if a.strip()) if "audits" in header else None
     return Recipe(path, header.get("name", path.stem), header.get("description", ""), header.get("grain", ""),
-                  header.get("output", ""), parameters, text)
+                  header.get("output", ""), parameters, text, audits)
 
 
 def key_continues(line: str) -> bool:

@@ -87,6 +87,14 @@ def example_id(messages: list[Message]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
+def example_fields(meta: str | None) -> dict[str, Any]:
+    """The source fields an example kept in its ``meta`` (choices, subject, category, ...)."""
+    try:
+        return json.loads(meta or "{}").get("fields") or {}
+    except json.JSONDecodeError:
+        return {}
+
+
 def unused_fields(record: Mapping[str, Any], fmt: str) -> dict[str, Any]:
     return {key: value for key, value in record.items() if key not in FORMAT_FIELDS[fmt]}
 

@@ -54,6 +54,7 @@ TOKEN_SCORES = pa.schema(
         ("message_index", pa.list_(pa.int16())),  # which message each token belongs to (-1: none)
         ("role", pa.list_(pa.string())),
         ("is_response", pa.list_(pa.bool_())),  # assistant content + its end-of-turn token
+        ("is_end_of_turn", pa.list_(pa.bool_())),  # the end-of-turn token closing a reply (a response token)
         ("logprob", pa.list_(pa.float32())),
         ("entropy", pa.list_(pa.float32())),  # full-vocabulary, nats
         ("top_ids", pa.list_(pa.list_(pa.int32()))),
@@ -88,8 +89,11 @@ SAMPLE_SCORES = pa.schema(
         ("ppl", pa.float64()),
         ("mean_entropy", pa.float64()),
         ("sum_nll", pa.float64()),
+        ("n_content_tokens", pa.int32()),  # response tokens without the end-of-turn token (what plain-text scoring scores)
+        ("mean_nll_content", pa.float64()),  # mean NLL over those
+        ("mean_entropy_content", pa.float64()),
         ("mean_nll_response_only", pa.float64()),  # the response scored without its instruction (null if not asked)
-        ("ifd", pa.float64()),  # mean_nll / mean_nll_response_only
+        ("ifd", pa.float64()),  # the last reply's mean NLL in the conversation / mean_nll_response_only
     ]
 )
 
@@ -106,13 +110,15 @@ PROBE_SCORES = pa.schema(
         ("template_version", pa.string()),  # hash of the template text
         ("n_prompt_tokens", pa.int32()),
         ("entropy", pa.float64()),  # of the first answer token's distribution, full vocabulary, nats
-        ("entropy_norm", pa.float64()),  # entropy / log(vocab size), the maximum possible entropy
+        ("entropy_norm", pa.float64()),  # entropy / log(vocab size); recipes normalise by the data's max(H), as the reference
         ("token_id", pa.int32()),  # the greedy (argmax) first answer token
         ("token_text", pa.string()),
         ("reference_answer", pa.string()),
         ("expected_token_id", pa.int32()),  # first token of the reference answer as the model would write it
-        ("is_valid", pa.bool_()),  # the greedy token can start an answer (a digit or sign; an option letter)
+        ("is_valid", pa.bool_()),  # the greedy token can start an answer (a digit or sign; an option letter or number)
         ("is_correct", pa.bool_()),  # the greedy token is the reference's first token
+        ("category", pa.string()),  # the example's category or subject field (per-category AUC), if it has one
+        ("not_sure", pa.bool_()),  # answered "0" to the reference multiple-choice prompt's "not sure" option
     ]
 )
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 from curate import schema
 from curate.engines import DEFAULT_DTYPE, Engine, ModelIdentity, identify, open_engine, torch_dtype
 from curate.head import CANDIDATES, OutputHead, load_head, pair_signals, token_signals
-from curate.kernel.chat_tokens import ChatTokens, TemplateError, template_hash, tokenize_chat
+from curate.kernel.chat_tokens import PROMPT_FORMATS, ChatTokens, TemplateError, template_hash, tokenize, tokenize_chat
 from curate.kernel.keys import run_key
 from curate.kernel.machine import device as machine_device
 from curate.kernel.runs import recorded_run
@@ -48,6 +48,7 @@ class ScoreSpec:
     head_candidates: int  # logits recomputed in fp32 per position by a low-precision head (curate.head)
     engine_options: dict[str, Any]  # EngineOptions.identity(): those that can change results
     template: str  # chat template hash (also inside the fingerprint; kept readable)
+    prompt_format: str  # chat (the model's chat template) or alpaca (InstructDiff's plain-text format)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Scorer:
     top_k: int
     overlong: str = "skip"
     options: EngineOptions = field(default_factory=EngineOptions)
+    prompt_format: str = "chat"
 
     @property
     def model(self) -> str:
@@ -70,7 +72,7 @@ class Scorer:
     def spec(self) -> ScoreSpec:
         return ScoreSpec(self.identity.spec(), self.engine.name, self.top_k, self.engine.max_len, self.overlong,
                          CANDIDATES if self.head.is_low_precision else 0, self.options.identity(),
-                         template_hash(self.tokenizer))
+                         template_hash(self.tokenizer), self.prompt_format)
 
     @property
     def key(self) -> str:
@@ -81,20 +83,23 @@ class Scorer:
 
 
 def open_scorer(model: str, *, engine: str = "vllm", dtype: str = DEFAULT_DTYPE, top_k: int = 5, max_len: int | None = None,
-                overlong: str = "skip", options: EngineOptions | None = None, together: int = 1) -> Scorer:
+                overlong: str = "skip", options: EngineOptions | None = None, together: int = 1, prompt_format: str = "chat") -> Scorer:
     from transformers import AutoTokenizer
 
     from curate.models import resolve
 
     if overlong not in OVERLONG:
         raise ValueError(f"unknown overlong policy {overlong!r}; choose one of {', '.join(OVERLONG)}")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt format {prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)}")
     options = options or EngineOptions()
     model_dir = resolve(model)
     head = load_head(model_dir, dtype=torch_dtype(dtype))  # refuses unknown architectures before the engine starts
     opened = open_engine(engine, model_dir, dtype=dtype, max_len=max_len or options.max_model_len, options=options,
                          together=together)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return Scorer(opened, head.to(machine_device()), tokenizer, identify(model, model_dir, opened.dtype), top_k, overlong, options)
+    return Scorer(opened, head.to(machine_device()), tokenizer, identify(model, model_dir, opened.dtype), top_k, overlong, options,
+                  prompt_format)
 
 
 @dataclass
@@ -143,6 +148,8 @@ def score_pair(workspace: Workspace, base: Scorer, calibrated: Scorer, *, where:
     """Both models' token scores plus per-token KL(calibrated ‖ base) and log-ratio, on the same tokens."""
     if base.head.vocab_size != calibrated.head.vocab_size or template_hash(base.tokenizer) != template_hash(calibrated.tokenizer):
         raise ValueError("the two models must share a tokenizer and chat template (vocab sizes or templates differ)")
+    if base.prompt_format != calibrated.prompt_format:
+        raise ValueError("the two models must be scored in the same prompt format")
     return _run(workspace, [base, calibrated], where=where, ifd=False, shard_size=shard_size, progress=progress)
 
 
@@ -157,6 +164,8 @@ def _run(workspace: Workspace, scorers: list[Scorer], *, where: str | None, ifd:
     is_pair = len(scorers) == 2
     key = pair_key(*scorers) if is_pair else scorers[0].key
     distinct = list({s.key: s for s in scorers}.values())  # `--pair M M`: one model's rows, written once
+    if ifd and scorers[0].prompt_format != "chat":
+        raise ValueError("--ifd scores the reply alone in the chat template: use it with --prompt-format chat")
     variants = [CHAT, RESPONSE_ONLY] if ifd else [CHAT]
     report = ScoreReport(key)
     with workspace.writing(), recorded_run(workspace.root, "pair" if is_pair else "score", key, **_record(scorers, where, ifd)) as record:
@@ -217,7 +226,7 @@ def _prepare(scorer: Scorer, row: dict[str, Any], ifd: bool, todo: set[tuple[str
              report: ScoreReport) -> Prepared | None:
     messages = row["messages"]
     try:
-        chat = tokenize_chat(scorer.tokenizer, messages)
+        chat = tokenize(scorer.tokenizer, messages, scorer.prompt_format)
     except TemplateError:
         report.skipped["template_error"] += 1
         return None
@@ -333,6 +342,7 @@ def _token_table(scorer: Scorer, items: list[tuple[Prepared, Any]], variant: str
         "message_index": list_column([np.asarray(t.message_index) for t in tokens], pa.int16()),  # type: ignore[union-attr]
         "role": pa.array([t.role for t in tokens], type=pa.list_(pa.string())),  # type: ignore[union-attr]
         "is_response": list_column([np.asarray(t.is_response, dtype=bool) for t in tokens], pa.bool_()),  # type: ignore[union-attr]
+        "is_end_of_turn": list_column([np.asarray(t.is_end_of_turn, dtype=bool) for t in tokens], pa.bool_()),  # type: ignore[union-attr]
         "logprob": scored_column([s.logprob.numpy() for s in signals], pa.float32()),
         "entropy": scored_column([s.entropy.numpy() for s in signals], pa.float32()),
         "top_ids": top_column([s.top_ids.numpy() for s in signals], pa.int32()),

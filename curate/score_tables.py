@@ -74,6 +74,8 @@ chat as (
         example_id, score_key, model, n_tokens, truncated,
         list_where(logprob, is_response) as response_logprob,
         list_where(entropy, is_response) as response_entropy,
+        list_where(logprob, list_transform(is_response, lambda r, i: r and not coalesce(is_end_of_turn[i], false))) as content_logprob,
+        list_where(entropy, list_transform(is_response, lambda r, i: r and not coalesce(is_end_of_turn[i], false))) as content_entropy,
         list_where(logprob, list_transform(is_response, lambda r, i:
             r and message_index[i] = list_max(list_where(message_index, is_response)))) as last_reply_logprob
     from token_rows
@@ -98,6 +100,9 @@ final as (
         exp(-list_avg(chat.response_logprob)) as ppl,
         list_avg(chat.response_entropy) as mean_entropy,
         -list_sum(chat.response_logprob) as sum_nll,
+        len(chat.content_logprob)::integer as n_content_tokens,
+        -list_avg(chat.content_logprob) as mean_nll_content,
+        list_avg(chat.content_entropy) as mean_entropy_content,
         response_only.mean_nll_response_only,
         (-list_avg(chat.last_reply_logprob)) / nullif(response_only.mean_nll_response_only, 0) as ifd
     from chat

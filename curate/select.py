@@ -2,6 +2,9 @@
 
 A recipe returns one row per chosen example with ``example_id`` and, where it makes them:
 - ``assistant_text``: replaces the example's last assistant turn (a teacher trace, or an answer-only reply);
+- ``prompt``: with ``assistant_text``, replaces the whole conversation: ``prompt`` (a list of messages: the
+  exact prompt a teacher saw, or the question with an answer-only instruction) and the reply after it;
+- ``stage``: which training stage a row belongs to (``train sft --stage N``);
 - ``token_ids``, ``is_response``, ``loss_mask``: the scored conversation's tokens (from ``token_scores``),
   which of them are response tokens, and which to train on (1) — written as ``input_ids`` / ``loss_mask``;
 - ``weight``, ``bucket``, ``n_response_tokens`` and any other columns, kept as they are.
@@ -30,6 +33,7 @@ from curate.kernel.chat_tokens import with_reply
 from curate.kernel.keys import run_key
 from curate.kernel.runs import recorded_run
 from curate.recipes import Recipe
+from curate.schema import MESSAGE
 from curate.workspace import PART_SUFFIX, Workspace, write_atomic_parquet
 
 MANIFEST_KEY = b"curate.manifest"
@@ -38,21 +42,23 @@ MANIFEST_KEY = b"curate.manifest"
 DROPS = (
     ("no_response_tokens", "is_response", "select example_id from chosen where not list_contains(is_response, true)"),
     ("no_response_tokens", "n_response_tokens", "select example_id from chosen where n_response_tokens = 0"),
+    ("every_token_masked", "loss_mask", "select example_id from chosen where list_sum(loss_mask) = 0"),
 )
 
 _NAME = re.compile(r"[A-Za-z0-9_]+")
 TOKEN_COLUMNS = ("token_ids", "is_response", "loss_mask")
 
+# Audits return the rows that break a rule; a recipe's header may name the ones that apply to it (default all).
 AUDITS = {
     "duplicate_example_id": "select example_id from chosen group by example_id having count(*) > 1",
     "unknown_example_id": "select example_id from chosen anti join examples using (example_id)",
     "mask_length_differs": "select example_id from chosen where loss_mask is not null and len(loss_mask) <> len(token_ids)",
-    "all_zero_mask": "select example_id from chosen where loss_mask is not null and list_sum(loss_mask) = 0",
     "end_of_turn_not_trained": """
         select example_id from chosen
         where loss_mask is not null and list_contains(is_response, true)
           and loss_mask[len(is_response) - list_position(list_reverse(is_response), true) + 1] = 0""",
-    "mask_with_replaced_answer": "select example_id from chosen where loss_mask is not null and assistant_text is not null",
+    "mask_with_replaced_answer": """
+        select example_id from chosen where loss_mask is not null and (assistant_text is not null or prompt is not null)""",
 }
 
 
@@ -109,18 +115,22 @@ def _run(con: Any, recipe: Recipe, bound: dict[str, Any], workspace: Workspace) 
         raise ValueError(f"{recipe.path.name}: {err} (tables in this workspace: {tables})") from err
 
 
-def select(workspace: Workspace, recipe: Recipe, *, name: str, params: dict[str, str] | None = None, dry_run: bool = False) -> SelectReport:
+def select(workspace: Workspace, recipe: Recipe, *, name: str, params: dict[str, str] | None = None, dry_run: bool = False,
+           keep: list[str] | None = None, keep_note: str | None = None) -> SelectReport:
+    """Run, audit and write a selection. ``keep``: only these example ids of the recipe's rows (a study's pool,
+    or a subset brought to a token budget; ``keep_note`` says how, in the manifest)."""
     if not _NAME.fullmatch(name):
         raise ValueError(f"selection name {name!r}: use letters, digits and underscores (it becomes the view selections_{name})")
     bound = bind(workspace, recipe, params or {})
     if dry_run:
-        return _choose(workspace, recipe, bound, name)[0]
-    spec = {"recipe": recipe.name, "sql_hash": recipe.sql_hash, "parameters": bound, "inputs": _inputs(workspace, recipe)}
+        return _choose(workspace, recipe, bound, name, keep)[0]
+    spec = {"recipe": recipe.name, "sql_hash": recipe.sql_hash, "parameters": bound, "inputs": _inputs(workspace, recipe),
+            "keep": sorted(keep) if keep is not None else None}
     with workspace.writing(), recorded_run(workspace.root, "select", run_key(spec), models=[name],
-                                           parameters={**spec, "selection": name}) as record:
-        report, rows, con = _choose(workspace, recipe, bound, name)
-        manifest = _manifest(workspace, recipe, bound, report, con) | {"key": run_key(spec)}
-        table = _materialize(rows)
+                                           parameters={**spec, "selection": name, "keep": keep_note}) as record:
+        report, rows, con = _choose(workspace, recipe, bound, name, keep)
+        manifest = _manifest(workspace, recipe, bound, report, con) | {"key": run_key(spec), "subset": keep_note}
+        table = materialize(rows)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), MANIFEST_KEY: json.dumps(manifest, default=str).encode()})
         folder = workspace.table_dir(f"selections/{name}")
         folder.mkdir(parents=True, exist_ok=True)
@@ -132,20 +142,30 @@ def select(workspace: Workspace, recipe: Recipe, *, name: str, params: dict[str,
     return report
 
 
-def _choose(workspace: Workspace, recipe: Recipe, bound: dict[str, Any], name: str) -> tuple[SelectReport, pa.Table, Any]:
-    """Run the recipe, drop the rows that cannot train (counted), audit the rest, join the examples."""
+def choose(workspace: Workspace, recipe: Recipe, params: dict[str, str], *, keep: list[str] | None = None) -> pa.Table:
+    """The rows a selection would hold (audited, materialized: what the trainer reads), written nowhere."""
+    return materialize(_choose(workspace, recipe, bind(workspace, recipe, params), recipe.name, keep)[1])
+
+
+def _choose(workspace: Workspace, recipe: Recipe, bound: dict[str, Any], name: str,
+            keep: list[str] | None = None) -> tuple[SelectReport, pa.Table, Any]:
+    """Run the recipe, keep the ``keep`` ids if given, drop the rows that cannot train (counted), audit the
+    rest, join the examples."""
     from curate.sql import connect
 
     con = connect(workspace)
     chosen = _run(con, recipe, bound, workspace)
     if "example_id" not in chosen.column_names:
         raise ValueError(f"{recipe.path.name}: the recipe must return an example_id column (it returned {chosen.column_names})")
-    for column, kind in (("assistant_text", pa.string()), ("token_ids", pa.list_(pa.int32())),
+    for column, kind in (("assistant_text", pa.string()), ("prompt", pa.list_(MESSAGE)), ("token_ids", pa.list_(pa.int32())),
                          ("is_response", pa.list_(pa.bool_())), ("loss_mask", pa.list_(pa.int8()))):
         if column not in chosen.column_names:
             chosen = chosen.append_column(column, pa.nulls(chosen.num_rows, kind))
     con.register("recipe_rows", chosen)
     con.execute("create or replace temp table chosen as select * from recipe_rows")
+    if keep is not None:
+        con.register("kept_ids", pa.table({"example_id": pa.array(sorted(keep), pa.string())}))
+        con.execute("delete from chosen where example_id not in (select example_id from kept_ids)")
     dropped: Counter[str] = Counter()
     for reason, column, query in DROPS:
         if column not in chosen.column_names:
@@ -170,8 +190,13 @@ def read_manifest(table: pa.Table) -> dict[str, Any]:
 
 
 def _audit(con: Any, recipe: Recipe) -> None:
+    unknown = sorted(set(recipe.audits or ()) - set(AUDITS))
+    if unknown:
+        raise ValueError(f"{recipe.path.name}: unknown audit(s) {unknown} in its header; audits: {', '.join(AUDITS)}")
     failures = []
     for audit, query in AUDITS.items():
+        if recipe.audits is not None and audit not in recipe.audits:
+            continue
         bad = [r[0] for r in con.execute(query).fetchall()]
         if bad:
             failures.append(f"{audit}: {len(bad)} row(s), e.g. {', '.join(map(str, bad[:5]))}")
@@ -179,16 +204,18 @@ def _audit(con: Any, recipe: Recipe) -> None:
         raise AuditError(f"{recipe.path.name}: audits failed, nothing written:\n  " + "\n  ".join(failures))
 
 
-def _materialize(rows: pa.Table) -> pa.Table:
+def materialize(rows: pa.Table) -> pa.Table:
     """messages with the recipe's assistant turn; token columns renamed to what trainers read."""
     messages = []
-    for original, replacement in zip(rows.column("messages").to_pylist(), rows.column("assistant_text").to_pylist()):
-        if replacement is None:
+    for original, prompt, reply in zip(*(rows.column(c).to_pylist() for c in ("messages", "prompt", "assistant_text"))):
+        if prompt is not None:
+            messages.append([*prompt, {"role": "assistant", "content": reply}])
+        elif reply is not None:
+            messages.append(with_reply(original, reply))
+        else:
             messages.append(original)
-            continue
-        messages.append(with_reply(original, replacement))
     first = ["example_id", "messages", "reference_answer", "split"]
-    rest = [c for c in rows.column_names if c not in (*first, "assistant_text", *TOKEN_COLUMNS)]
+    rest = [c for c in rows.column_names if c not in (*first, "assistant_text", "prompt", *TOKEN_COLUMNS)]
     columns = {"example_id": rows.column("example_id"), "messages": pa.array(messages, type=rows.schema.field("messages").type),
                "reference_answer": rows.column("reference_answer"), "split": rows.column("split")}
     columns |= {c: rows.column(c) for c in rest}

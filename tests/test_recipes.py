@@ -78,63 +78,88 @@ def test_random_budget_fits_and_depends_on_the_seed(scored: Workspace) -> None:
 def test_instructdiff(workspace: Workspace) -> None:
     names = [f"e{i:02d}" for i in range(1, 11)]
     examples(workspace, names)
-    # base: NLL 1.0, H 1.0 everywhere; calibrated: delta_nll = i/10 - 0.5, delta_entropy as listed
+    # base: NLL 1.0, H 1.0 everywhere; calibrated NLL 1.5 - i/10, so diff_nll = NLL_base - NLL_cal = i/10 - 0.5
     delta_entropy = [0.0, 0.5, -0.3, 0.2, -0.1, 0.4, 0.1, -0.2, 0.3, -0.5]
-    samples(workspace, [(n, 1.0, 1.0, 100) for n in names], key="base")
-    samples(workspace, [(n, 1.0 + i / 10 - 0.5, 1.0 - delta_entropy[i - 1], 100) for i, n in enumerate(names, start=1)], key="cal")
-    # trim 0.1 drops e01 (lowest delta_nll) and e10 (highest); of e02..e09 the lowest delta_entropy: e03 (-0.3), e08 (-0.2)
-    assert ids(workspace, "instructdiff", base_key="base", calibrated_key="cal", fraction=0.2) == ["e03", "e08"]
-    # a 300-token budget: e03, e08, e05 (-0.1), in delta_entropy order
-    assert ids(workspace, "instructdiff", base_key="base", calibrated_key="cal", budget_tokens=300) == ["e03", "e05", "e08"]
+    put(workspace, "sample_scores", [{"example_id": n, "score_key": "base", "mean_nll_content": 1.0, "mean_entropy_content": 1.0,
+                                      "n_content_tokens": 100} for n in names])
+    put(workspace, "sample_scores", [{"example_id": n, "score_key": "cal", "mean_nll_content": 1.5 - i / 10,
+                                      "mean_entropy_content": 1.0 - delta_entropy[i - 1], "n_content_tokens": 100}
+                                     for i, n in enumerate(names, start=1)])
+    # trim 0.1 drops e01 (lowest diff_nll) and e10 (highest); by diff_entropy: e03 (-0.3), e08 (-0.2), e05 (-0.1) ...
+    # budget = int(0.1 x 1,000 tokens) = 100: e03 alone reaches it (the crossing example is included)
+    assert ids(workspace, "instructdiff", base_key="base", calibrated_key="cal") == ["e03"]
+    assert ids(workspace, "instructdiff", base_key="base", calibrated_key="cal", share=0.2) == ["e03", "e08"]  # 200 reached exactly
+    assert ids(workspace, "instructdiff", base_key="base", calibrated_key="cal", share=0.21) == ["e03", "e05", "e08"]  # e05 crosses 210
+    # the paper's text: max(1, int(0.3 x 8 trimmed)) = 2 examples
+    assert ids(workspace, "instructdiff", base_key="base", calibrated_key="cal", budget="samples", share=0.3) == ["e03", "e08"]
 
 
 def test_complexity_split(workspace: Workspace) -> None:
     names = [f"e{i}" for i in range(1, 9)]
     examples(workspace, names)
-    put(workspace, "probe_scores", [{"example_id": n, "probe_key": "p", "entropy_norm": i / 10, "is_valid": n != "e4",
-                                     "reference_answer": f"{i}"} for i, n in enumerate(names, start=1)])
+    put(workspace, "probe_scores", [{"example_id": n, "probe_key": "p", "entropy": i / 10, "is_valid": n != "e4"}
+                                    for i, n in enumerate(names, start=1)])
+    put(workspace, "traces", [{"trace_id": "t8", "example_id": "e8", "gen_key": "g", "extracted_answer": "8",
+                               "prompt": [{"role": "user", "content": "Solve step by step: q e8"}]},
+                              {"trace_id": "t7", "example_id": "e7", "gen_key": "g", "extracted_answer": None}])
     put(workspace, "best_traces", [
-        {"example_id": "e8", "gen_key": "g", "rule": "shortest", "text": "step by step... #### 8", "is_correct": True, "truncated": False},
-        {"example_id": "e7", "gen_key": "g", "rule": "shortest", "text": "wrong #### 1", "is_correct": False, "truncated": False},
+        {"example_id": "e8", "gen_key": "g", "rule": "shortest", "trace_id": "t8", "text": "step by step... [[8]]", "is_correct": True, "truncated": False},
+        {"example_id": "e7", "gen_key": "g", "rule": "shortest", "trace_id": "t7", "text": "no answer", "is_correct": False, "truncated": False},
     ])
     table = run_recipe(workspace, load_recipe("complexity_split"), {"probe_key": "p", "gen_key": "g"}).to_pylist()
-    got = {r["example_id"]: (r["bucket"], r["assistant_text"]) for r in table}
-    # valid entropies 0.1 0.2 0.3 0.5 0.6 0.7 0.8: q25 = 0.25, q75 = 0.65
-    assert got == {"e1": ("easy", "1"), "e2": ("easy", "2"), "e3": ("middle", "3"), "e5": ("middle", "5"),
-                   "e6": ("middle", "6"), "e8": ("hard", "step by step... #### 8")}  # e7: hard, no correct trace
+    got = {r["example_id"]: (r["stage"], r["bucket"], r["assistant_text"]) for r in table}
+    # H / max H of the valid: 1/8 2/8 3/8 5/8 6/8 7/8 8/8: q25 = 0.3125, q75 = 0.8125
+    assert got == {"e1": (1, "easy", "[[ans-e1]]"), "e2": (1, "easy", "[[ans-e2]]"), "e3": (1, "middle", "[[ans-e3]]"),
+                   "e5": (1, "middle", "[[ans-e5]]"), "e6": (1, "middle", "[[ans-e6]]"),
+                   "e8": (2, "hard", "step by step... [[8]]")}  # e7: hard, its trace has no answer
+    by_id = {r["example_id"]: r for r in table}
+    assert by_id["e8"]["prompt"] == [{"role": "user", "content": "Solve step by step: q e8"}]  # the teacher's own prompt
+    report = select(workspace, load_recipe("complexity_split"), name="complexity", params={"probe_key": "p", "gen_key": "g"})
+    written = {r["example_id"]: r for r in pa.parquet.read_table(workspace.table_dir("selections/complexity") / "part-0.parquet").to_pylist()}
+    assert report.rows == 6 and written["e1"]["messages"] == [
+        {"role": "user", "content": "q e1\n\nAnswer with only one number in [[number]]."}, {"role": "assistant", "content": "[[ans-e1]]"}]
+    assert written["e8"]["messages"][0]["content"] == "Solve step by step: q e8" and written["e8"]["stage"] == 2
 
 
 def token_row(example: str, key: str, response: list[bool], **lists) -> dict:
     n = len(response)
     return {"example_id": example, "score_key": key, "variant": "chat", "token_ids": list(range(100, 100 + n)),
-            "is_response": response, "n_tokens": n, **lists}
+            "is_response": response, "n_tokens": n, "message_index": [0] * n, **lists}
 
 
-def test_eksft_offline_masks_top_entropy_and_kl_but_keeps_the_end_of_turn(workspace: Workspace) -> None:
+def test_eksft_offline_masks_top_entropy_and_kl_per_example(workspace: Workspace) -> None:
     examples(workspace, ["e1"])
     response = [False, False, True, True, True, True, True]  # the last response token is <|im_end|>
-    put(workspace, "token_scores", [token_row("e1", "base", response, entropy=[None, 9.0, 0.1, 2.0, 0.3, 0.2, 5.0])])
+    end = [False] * 6 + [True]
+    put(workspace, "token_scores", [token_row("e1", "base", response, entropy=[None, 9.0, 0.1, 2.0, 0.3, 0.2, 5.0], is_end_of_turn=end)])
     put(workspace, "pair_scores", [{"example_id": "e1", "pair_key": "pair", "base_key": "base", "is_response": response,
                                     "kl": [None, 9.0, 0.1, 0.2, 0.3, 0.9, 0.0]}])
-    (row,) = run_recipe(workspace, load_recipe("eksft_offline"), {"base_key": "base", "pair_key": "pair", "ratio": "0.2"}).to_pylist()
-    # k = ceil(0.2 x 5) = 1: top entropy is the end-of-turn (kept anyway), top KL is position 6
-    assert row["loss_mask"] == [0, 0, 1, 1, 1, 0, 1] and row["n_response_tokens"] == 5
+    (row,) = run_recipe(workspace, load_recipe("eksft_offline"), {"base_key": "base", "pair_key": "pair"}).to_pylist()
+    # k = floor(0.2 x 5) = 1: top entropy is the end-of-turn (a candidate, as in the reference), top KL position 6
+    assert row["loss_mask"] == [0, 0, 1, 1, 1, 0, 0] and row["n_response_tokens"] == 5
+    (kept,) = run_recipe(workspace, load_recipe("eksft_offline"), {"base_key": "base", "pair_key": "pair", "keep_end_of_turn": "true"}).to_pylist()
+    assert kept["loss_mask"] == [0, 0, 1, 0, 1, 0, 1]  # the end-of-turn protected: the next by entropy (2.0) goes
 
 
 def test_qtuning_offline_quadrants_and_q2_token_pruning(workspace: Workspace) -> None:
+    from curate.score_tables import rebuild_sample_scores
+
     names = [f"e{i}" for i in range(1, 9)]
     examples(workspace, names)
     # e1: highest NLL, lowest entropy (Q2); e2: lowest NLL, highest entropy (Q4); the rest on the diagonal
-    rows = [("e1", 3.0, 0.1, 5), ("e2", 0.1, 3.0, 5)] + [(f"e{i}", 0.2 * i, 0.2 * i, 5) for i in range(3, 9)]
-    samples(workspace, rows)
-    ppl = [1.0, 10.0, 1.0, 1.0, 2.0]
-    response = [False, True, True, True, True, True]
-    put(workspace, "token_scores", [token_row("e1", KEY, response, logprob=[None] + [-math.log(p) for p in ppl])])
+    rows = []
+    for i, name in enumerate(names, start=1):
+        nll = {1: 3.0, 2: 0.1}.get(i, 0.2 * i)
+        entropy = {1: 0.1, 2: 3.0}.get(i, 0.2 * i)
+        rows.append(token_row(name, KEY, [False, True, True, True, True, True], logprob=[None] + [-nll] * 5, entropy=[None] + [entropy] * 5))
+    put(workspace, "token_scores", rows)
+    rebuild_sample_scores(workspace, KEY)
     table = run_recipe(workspace, load_recipe("qtuning_offline"), {"score_key": KEY, "r_sample": "0.25"}).to_pylist()
     got = {r["example_id"]: r for r in table}
     assert {k: v["bucket"] for k, v in got.items()} == {"e1": "q2", "e2": "q4"}
-    # s = 0.5 ppl + 0.5 (prev + next): 6, 6, 6, 2, 2.5 -> keep the 3 lowest (ties by position) = tokens 1, 4, 5
-    assert got["e1"]["loss_mask"] == [0, 1, 0, 0, 1, 1] and got["e2"]["loss_mask"] is None
+    # T = 8 x 5 = 40 positions; keep round(40 x 0.25 x 0.5) = 5; the 6 dropped examples remove 30, the Q2
+    # example must lose 5 more: all of its response tokens. (select then drops it: every token masked.)
+    assert got["e1"]["loss_mask"] == [0, 0, 0, 0, 0, 0] and got["e2"]["loss_mask"] is None
 
 
 def test_select_materializes_with_a_manifest_and_audits(scored: Workspace, tmp_path) -> None:
@@ -157,9 +182,16 @@ def test_select_materializes_with_a_manifest_and_audits(scored: Workspace, tmp_p
         select(scored, load_recipe(bad), name="bad")
     zero = tmp_path / "zero.sql"
     zero.write_text("select 'e01' as example_id, [1, 2, 3] as token_ids, [false, true, true] as is_response, "
-                    "[0, 0, 0]::tinyint[] as loss_mask union all select 'e02', [1, 2], [false, true], [0, 0]::tinyint[]")
-    with pytest.raises(AuditError, match="all_zero_mask: 2 row.*\n.*end_of_turn_not_trained: 2 row"):
-        select(scored, load_recipe(zero), name="zero")
+                    "[0, 0, 0]::tinyint[] as loss_mask union all select 'e02', [1, 2], [false, true], [0, 0]::tinyint[] "
+                    "union all select 'e03', [1, 2, 3], [false, true, true], [0, 1, 1]::tinyint[]")
+    report = select(scored, load_recipe(zero), name="zero")  # a row whose mask trains nothing is dropped, counted
+    assert report.rows == 1 and report.dropped == {"every_token_masked": 2}
+    eot = tmp_path / "eot.sql"
+    eot.write_text("select 'e01' as example_id, [1, 2, 3] as token_ids, [false, true, true] as is_response, [0, 1, 0]::tinyint[] as loss_mask")
+    with pytest.raises(AuditError, match="end_of_turn_not_trained: 1 row"):
+        select(scored, load_recipe(eot), name="eot")
+    eot.write_text("-- name: eot\n-- audits: duplicate_example_id, unknown_example_id\n" + eot.read_text())
+    assert select(scored, load_recipe(eot), name="eot").rows == 1  # the header names the audits that apply
     assert not scored.table_dir("selections/bad").exists()
     with pytest.raises(ValueError, match="unknown parameter"):
         select(scored, load_recipe("full"), name="x", params={"budget": "3"})
@@ -177,60 +209,6 @@ def test_recipe_results_reach_polars_unchanged(scored: Workspace) -> None:
     select(scored, load_recipe("entropy_band"), name="top", params={"score_key": KEY, "band": "max", "fraction": "0.5"})
     written = connect(scored).sql("select example_id, mean_entropy from selections_top order by example_id").pl()
     assert frame.select("example_id", "mean_entropy").equals(written)
-
-
-def test_eksft_offline_matches_a_python_reference_on_random_rows(workspace: Workspace) -> None:
-    import numpy as np
-
-    rng = np.random.default_rng(7)
-    names = [f"r{i:02d}" for i in range(30)]
-    examples(workspace, names)
-    tokens, pairs, expected = [], [], {}
-    for name in names:
-        n = int(rng.integers(6, 40))
-        prompt = int(rng.integers(1, n - 3))
-        response = [False] * prompt + [True] * (n - prompt)
-        entropy = [None] + rng.integers(0, 5, n - 1).astype(float).tolist()  # ties on purpose
-        kl = [None] + rng.integers(0, 5, n - 1).astype(float).tolist()
-        tokens.append(token_row(name, "base", response, entropy=entropy))
-        pairs.append({"example_id": name, "pair_key": "pair", "base_key": "base", "is_response": response, "kl": kl})
-        positions = [i for i in range(n) if response[i]]
-        k = math.ceil(0.3 * len(positions))
-        by_entropy = sorted(positions, key=lambda i: (-entropy[i], i))[:k]  # ties: the earlier token first
-        by_kl = sorted(positions, key=lambda i: (-kl[i], i))[:k]
-        masked = set(by_entropy) | set(by_kl)
-        expected[name] = [0 if not response[i] else 1 if i == positions[-1] else 0 if i in masked else 1 for i in range(n)]
-    put(workspace, "token_scores", tokens)
-    put(workspace, "pair_scores", pairs)
-    table = run_recipe(workspace, load_recipe("eksft_offline"), {"base_key": "base", "pair_key": "pair", "ratio": "0.3"})
-    assert {r["example_id"]: r["loss_mask"] for r in table.to_pylist()} == expected
-
-
-def test_qtuning_offline_token_mask_matches_a_python_reference_on_multi_turn_rows(workspace: Workspace) -> None:
-    import numpy as np
-
-    rng = np.random.default_rng(11)
-    names = [f"r{i:02d}" for i in range(20)]
-    examples(workspace, names)
-    # r10..r19: high NLL, low entropy -> Q2 at the widest alpha; r00..r09 the mirror image -> Q4
-    samples(workspace, [(name, 1.0 + i if i >= 10 else 0.1 * i, 0.1 * (20 - i) if i >= 10 else 5.0 + i, 9) for i, name in enumerate(names)])
-    tokens, expected = [], {}
-    for name in names[10:]:
-        turns = [(int(rng.integers(1, 4)), int(rng.integers(2, 7))) for _ in range(int(rng.integers(1, 4)))]
-        response = [False] + [flag for prompt, reply in turns for flag in [False] * prompt + [True] * reply]
-        ppl = [None] + rng.integers(1, 4, len(response) - 1).astype(float).tolist()  # ties on purpose
-        logprob = [None] + np.float32([-math.log(p) for p in ppl[1:]]).tolist()  # token_scores holds float32
-        tokens.append(token_row(name, KEY, response, logprob=logprob))
-        positions = [i for i, flag in enumerate(response) if flag]  # neighbours: the previous and next response tokens
-        values = [math.exp(-logprob[i]) for i in positions]
-        score = [0.5 * values[j] + 0.5 * ((values[j - 1] if j else values[j]) + (values[j + 1] if j + 1 < len(values) else values[j]))
-                 for j in range(len(values))]
-        kept = {positions[j] for j in sorted(range(len(values)), key=lambda j: (score[j], j))[: math.ceil(0.4 * len(values))]}
-        expected[name] = [1 if flag and (i in kept or i == positions[-1]) else 0 for i, flag in enumerate(response)]
-    put(workspace, "token_scores", tokens)
-    table = run_recipe(workspace, load_recipe("qtuning_offline"), {"score_key": KEY, "r_sample": "1.0", "r_token": "0.4"}).to_pylist()
-    assert {r["example_id"]: r["bucket"] for r in table} == {name: "q2" if name >= "r10" else "q4" for name in names}
-    assert {r["example_id"]: r["loss_mask"] for r in table if r["bucket"] == "q2"} == expected
 
 
 def test_probe_hard_takes_the_valid_examples_at_or_above_the_high_quantile(workspace: Workspace) -> None:

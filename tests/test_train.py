@@ -5,7 +5,6 @@ checkpoint that reproduces the adapter in transformers and vLLM."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from conftest import REPO, write_parquet
 from curate.kernel.chat_tokens import tokenize_chat
 from train.data import DataError, load_examples, read_table
-from train.objectives import eksft_mask, qtuning_samples, qtuning_tokens, token_stats
+from train.objectives import token_stats
 from train.sft import TrainConfig, collate, load_model, run_calibrate, run_sft, train
 
 GOLDEN = REPO / "tests" / "golden" / "tiny_sft_first_losses.json"
@@ -91,52 +90,43 @@ def test_golden_first_losses(chats_parquet: Path, tiny_model_dir: Path, tmp_path
     assert losses == pytest.approx(golden, abs=2e-4)
 
 
-def test_eksft_masks_the_union_of_top_entropy_and_top_kl() -> None:
-    generator = torch.Generator().manual_seed(0)
-    entropy, kl = torch.rand(4, 30, generator=generator), torch.rand(4, 30, generator=generator)
-    targets = torch.rand(4, 30, generator=generator) > 0.3
-    keep = eksft_mask(entropy, kl, targets, ratio=0.2)
-    n = int(targets.sum())
-    k = math.ceil(0.2 * n)
-    flat = targets.reshape(-1).nonzero()[:, 0]
-    top = set(flat[entropy.reshape(-1)[flat].topk(k).indices].tolist()) | set(flat[kl.reshape(-1)[flat].topk(k).indices].tolist())
-    dropped = set((targets & ~keep).reshape(-1).nonzero()[:, 0].tolist())
-    assert dropped == top and k <= len(dropped) <= 2 * k
-    assert not (keep & ~targets).any()  # never trains a token that was not a target
-    same = eksft_mask(entropy, entropy, targets, ratio=0.2)  # identical rankings: exactly k dropped
-    assert int((targets & ~same).sum()) == k
-
-
-def test_qtuning_keeps_the_ratios() -> None:
-    generator = torch.Generator().manual_seed(1)
-    for size, r_sample in ((16, 0.25), (16, 0.5), (10, 0.3), (32, 0.7)):
-        ppl = torch.rand(size, generator=generator) * 10 + 1
-        entropy = torch.rand(size, generator=generator) * 3
-        q2, q4 = qtuning_samples(ppl, entropy, r_sample=r_sample)
-        assert int((q2 | q4).sum()) == round(r_sample * size) and not (q2 & q4).any()
-    nll = torch.rand(3, 20, generator=generator)
-    targets = torch.zeros(3, 20, dtype=torch.bool)
-    targets[:, 5:] = True
-    q2 = torch.tensor([True, False, True])
-    keep = qtuning_tokens(nll, targets, q2, r_token=0.4, smoothing=0.5)
-    assert keep.sum(dim=1).tolist() == [6, 0, 6]  # ceil(0.4 x 15) in each Q2 sample, none elsewhere
-    assert not (keep & ~targets).any()
-
-
 @pytest.mark.parametrize("method", ["eksft", "qtuning"])
 def test_online_methods_log_what_they_keep(method: str, chats_parquet: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     summary = run_sft(_config(chats_parquet, tiny_model_dir, tmp_path / method, method=method, max_steps=2, r_sample=0.5), progress=False)
     for record in summary["log"]:
         assert 0 < record["kept_tokens"] < record["targets"]
-        if method == "eksft":
-            k = math.ceil(0.2 * record["targets"])
-            assert record["targets"] - 2 * k <= record["kept_tokens"] <= record["targets"] - k
-        else:
-            assert record["q2"] + record["q4"] == 2 and record["dropped_samples"] == 2  # half of 4 samples
+        if method == "eksft":  # per sequence, k = floor(0.2 n) by each signal: between k and 2k per row
+            assert record["masked_by_entropy"] > 0 and record["masked_by_kl"] > 0
+            assert record["targets"] - record["masked_by_entropy"] - record["masked_by_kl"] <= record["kept_tokens"]
+        else:  # 4 samples, r_sample 0.5: two kept (Q2 and Q4, filled up), two dropped
+            assert record["q2"] + record["q4"] + record["filled"] == 2 and record["dropped_samples"] == 2
     out = tmp_path / method
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "loss_curve.png").stat().st_size > 1000
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert json.loads((out / "train_config.json").read_text())["config"]["method"] == method
+
+
+def test_a_preset_fills_in_what_is_not_given_and_explicit_options_win(tmp_path: Path) -> None:
+    from train.sft import configure
+
+    config = configure({"data": "d", "model": "m", "out": "o", "lr": 1e-4, "batch_size": None}, preset="instructdiff-math")
+    assert (config.lora_r, config.lr, config.epochs, config.scheduler, config.warmup_ratio, config.weight_decay) == (0, 1e-4, 3, "cosine", 0.05, 0.01)
+    assert config.batch_size * config.grad_accum == 256 and config.preset == "instructdiff-math"
+    with pytest.raises(ValueError, match="unknown preset 'paper'"):
+        configure({"data": "d", "model": "m", "out": "o"}, preset="paper")
+
+
+def test_two_stages_start_from_the_merged_first_stage(chats_parquet: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(chats_parquet).to_pylist()
+    staged = write_parquet(tmp_path / "staged.parquet", [{**r, "stage": 1 if i < 10 else 2} for i, r in enumerate(rows)])
+    first = run_sft(_config(staged, tiny_model_dir, tmp_path / "s1", stage=1), progress=False)
+    assert first["examples"] == 10
+    second = run_sft(_config(staged, tmp_path / "s1" / "adapter", tmp_path / "s2", stage=2), progress=False)
+    assert second["examples"] == 6 and (tmp_path / "s2" / "model" / "config.json").is_file()  # stage 1 + 2, merged
+    with pytest.raises(ValueError, match="no rows with stage = 3"):
+        run_sft(_config(staged, tiny_model_dir, tmp_path / "s3", stage=3), progress=False)
 
 
 def test_bad_training_data_is_named(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -1,4 +1,8 @@
-"""The ``train`` command: sft, calibrate, eval. A thin shell over train.sft and train.evaluate."""
+"""The ``train`` command: sft, calibrate, eval. A thin shell over train.sft and train.evaluate.
+
+Training options left out take the ``--preset``'s value if one is named, else the TrainConfig default; an
+option given explicitly always wins.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,12 @@ from pathlib import Path
 from typing import Sequence
 
 from curate.kernel.machine import PRECISIONS
-from train.sft import METHODS, TrainConfig
+from train.objectives import EKSFT_COMBINE, EKSFT_NORMALISE, QTUNING_ENTROPY, QTUNING_NORMALISE, QTUNING_SEARCH
+from train.sft import METHODS, PRESETS, SCHEDULERS, TrainConfig, configure
 
 DESCRIPTION = """\
 Fine-tune on curated Parquet (any tool's: needs a 'messages' column; honours 'loss_mask', 'input_ids',
-'weight' when present), calibrate a model for InstructDiff / offline EKSFT, and evaluate."""
+'weight' and 'stage' when present), calibrate a model for InstructDiff / offline EKSFT, and evaluate."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,19 +38,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train", description=DESCRIPTION)
     verbs = parser.add_subparsers(dest="command", metavar="COMMAND")
     sft = _verb(verbs, "sft", "LoRA or full SFT on a Parquet file or folder (a curate selection, or any tool's). Loss on "
-                "assistant tokens unless the rows carry a loss_mask; --method eksft|qtuning selects tokens online. Writes "
-                "the adapter (or model), train_config.json, metrics.jsonl and loss_curve.png into --out.",
-                "train sft --data ws/selections/easy --model ~/.cache/curate/models/smollm2 --out runs/easy", _run_sft)
+                "assistant tokens unless the rows carry a loss_mask; --method eksft|qtuning selects tokens online as the "
+                "papers' reference code does (defaults: EKSFT ratio 0.2, union, entropy and KL terms at 0.05, each "
+                "sequence weighed equally; Q-Tuning r_sample 0.25, r_token 0.5, the paper's headline run). Writes the "
+                "adapter (or model), train_config.json, metrics.jsonl and loss_curve.png into --out.",
+                "train sft --data ws/selections/complexity_split --stage 1 --model ~/.cache/curate/models/smollm2 --out runs/stage1",
+                _run_sft)
     _training_args(sft)
-    sft.add_argument("--method", choices=METHODS, default="sft", help="sft (default), eksft or qtuning (online selection)")
-    sft.add_argument("--eksft-ratio", type=float, default=0.2, help="EKSFT: top share by entropy and by KL masked out (default 0.2)")
-    sft.add_argument("--r-sample", type=float, default=0.5, help="Q-Tuning: share of samples kept per micro-batch (default 0.5)")
-    sft.add_argument("--r-token", type=float, default=0.5, help="Q-Tuning: share of tokens kept in Q2 samples (default 0.5)")
-    sft.add_argument("--smoothing", type=float, default=0.5, help="Q-Tuning: lambda, neighbour weight in the token score (default 0.5)")
-    calibrate = _verb(verbs, "calibrate", "Warm-up calibration (InstructDiff, offline EKSFT): LoRA SFT on a random --fraction "
-                      "of the pool, merged into a normal checkpoint in --out that vLLM and transformers load (score it "
-                      "with curate score --pair BASE CALIBRATED).",
-                      "train calibrate --data ws/examples --split pool --model ~/.cache/curate/models/smollm2 --fraction 0.1 --out models/calibrated",
+    sft.add_argument("--method", choices=METHODS, help="sft (default), eksft or qtuning (online selection)")
+    sft.add_argument("--stage", type=int, help="train only the rows of this stage (complexity_split: 1 answer-only, 2 traces)")
+    eksft = sft.add_argument_group("EKSFT (--method eksft)")
+    eksft.add_argument("--eksft-ratio", type=float, help="k = floor(ratio x a sequence's response tokens) per top-k (default 0.2)")
+    eksft.add_argument("--eksft-combine", choices=EKSFT_COMBINE, help="union of the two top-k (default, the paper's script) or intersection")
+    eksft.add_argument("--eksft-lambda-entropy", type=float, help="weight of the entropy bonus (default 0.05; 0 turns it off)")
+    eksft.add_argument("--eksft-lambda-kl", type=float, help="weight of the KL term (default 0.05; 0 turns it off)")
+    eksft.add_argument("--eksft-normalise", choices=EKSFT_NORMALISE, help="sequence (default: the reference weighs each sequence equally) or token")
+    eksft.add_argument("--keep-end-of-turn", action="store_const", const=True, help="never mask the end-of-turn token (the reference may)")
+    qtuning = sft.add_argument_group("Q-Tuning (--method qtuning)")
+    qtuning.add_argument("--r-sample", type=float, help="share of samples kept per micro-batch (default 0.25)")
+    qtuning.add_argument("--r-token", type=float, help="kept tokens = round(T r_sample r_token) of the batch's T positions (default 0.5)")
+    qtuning.add_argument("--smoothing", type=float, help="lambda, the neighbours' weight in the token score (default 0.5)")
+    qtuning.add_argument("--qtuning-entropy", choices=QTUNING_ENTROPY, help="sample entropy over all positions (default, the reference) or the response")
+    qtuning.add_argument("--qtuning-search", choices=QTUNING_SEARCH, help="bisection result: last iterate (default, the reference) or best-under")
+    qtuning.add_argument("--qtuning-normalise", choices=QTUNING_NORMALISE, help="loss per micro-batch over kept non-pad positions (default, the reference) or per trained token")
+    calibrate = _verb(verbs, "calibrate", "Warm-up calibration (InstructDiff, offline EKSFT): SFT on a random --fraction of the pool, "
+                      "saved as a normal checkpoint in --out that vLLM and transformers load (score it with curate score "
+                      "--pair BASE CALIBRATED). InstructDiff's reference fine-tunes all weights: --full (or --preset "
+                      "instructdiff-math); LoRA (the default here, cheaper on a CPU) is merged into the checkpoint.",
+                      "train calibrate --data ws/examples --split pool --model ~/.cache/curate/models/smollm2 --fraction 0.1 --full --out models/calibrated",
                       _run_calibrate)
     _training_args(calibrate)
     calibrate.add_argument("--fraction", type=float, default=0.1, help="random share of rows to train on (default 0.1)")
@@ -71,34 +91,43 @@ def _verb(verbs: argparse._SubParsersAction, name: str, summary: str, example: s
 
 
 def _training_args(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig(data="", model="", out="")
     parser.add_argument("--data", required=True, help="Parquet file or folder of parts")
-    parser.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    parser.add_argument("--model", required=True, help="checkpoint directory, hub id, or a LoRA adapter folder (merged onto its base)")
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="the settings of a paper's run (METHODS.md); explicit options override them")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--lora-r", type=int, default=16, help="LoRA rank on every linear projection (default 16)")
-    size.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--max-len", type=int, default=1024, help="tokens per example; longer ones are cut")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    size.add_argument("--lora-r", type=int, help=f"LoRA rank on every linear projection (default {defaults.lora_r})")
+    size.add_argument("--full", dest="lora_r", action="store_const", const=0, help="full fine-tuning instead of LoRA")
+    parser.add_argument("--epochs", type=float, help=f"default {defaults.epochs}")
+    parser.add_argument("--lr", type=float, help=f"default {defaults.lr}")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, help=f"learning-rate schedule after the warm-up (default {defaults.scheduler})")
+    parser.add_argument("--warmup-ratio", type=float, help="share of the steps with a linear warm-up (default 0)")
+    parser.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    parser.add_argument("--adam-beta2", type=float, help=f"AdamW beta2 (default {defaults.adam_beta2})")
+    parser.add_argument("--max-len", type=int, help=f"tokens per example; longer ones are cut (default {defaults.max_len})")
+    parser.add_argument("--batch-size", type=int, help=f"examples per micro-batch (default {defaults.batch_size})")
+    parser.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--split", help="keep only rows of this split (e.g. pool)")
     parser.add_argument("--limit", type=int, help="first N rows only")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS,
                         help="autocast precision; auto (default): bfloat16 where it is native (GPUs, CPUs with AVX-512 BF16 "
                              "or AMX), float32 elsewhere (emulated bf16 is several times slower)")
     parser.add_argument("--bf16", dest="precision", action="store_const", const="bfloat16", help="same as --precision bfloat16")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="default 0")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _config(args: argparse.Namespace, **extra) -> TrainConfig:
-    return TrainConfig(
-        data=args.data, model=args.model, out=args.out, lora_r=0 if args.full else args.lora_r, epochs=args.epochs,
-        lr=args.lr, max_len=args.max_len, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps,
-        split=args.split, limit=args.limit, precision=args.precision, seed=args.seed, **extra,
-    )
+TRAINING_OPTIONS = ("method", "lora_r", "epochs", "lr", "scheduler", "warmup_ratio", "weight_decay", "adam_beta2", "max_len",
+                    "batch_size", "grad_accum", "max_steps", "split", "limit", "precision", "seed", "stage", "fraction",
+                    "eksft_ratio", "eksft_combine", "eksft_lambda_entropy", "eksft_lambda_kl", "eksft_normalise",
+                    "keep_end_of_turn", "r_sample", "r_token", "smoothing", "qtuning_entropy", "qtuning_search", "qtuning_normalise")
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    given = {name: getattr(args, name) for name in TRAINING_OPTIONS if hasattr(args, name)}
+    return configure({"data": args.data, "model": args.model, "out": args.out, **given}, preset=args.preset)
 
 
 def _print_summary(summary: dict) -> None:
@@ -109,15 +138,14 @@ def _print_summary(summary: dict) -> None:
 def _run_sft(args: argparse.Namespace) -> int:
     from train.sft import run_sft
 
-    config = _config(args, method=args.method, eksft_ratio=args.eksft_ratio, r_sample=args.r_sample, r_token=args.r_token, smoothing=args.smoothing)
-    _print_summary(run_sft(config, progress=not args.quiet))
+    _print_summary(run_sft(_config(args), progress=not args.quiet))
     return 0
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
     from train.sft import run_calibrate
 
-    _print_summary(run_calibrate(_config(args, fraction=args.fraction), progress=not args.quiet))
+    _print_summary(run_calibrate(_config(args), progress=not args.quiet))
     return 0
 
 

@@ -8,7 +8,8 @@ selection ``ws/selections/NAME``), any tool's output with the same columns:
   token (it predicts the token from the ones before it). When present it replaces the default mask;
 - ``input_ids`` list<int> (optional): the token ids the mask was made with; checked against our own
   tokenization, so a mask made with another tokenizer or template is refused instead of misapplied;
-- ``weight`` float (optional): multiplies every token loss of the example.
+- ``weight`` float (optional): multiplies every token loss of the example;
+- ``stage`` int (optional): which training stage a row belongs to (``train sft --stage N`` keeps those rows).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class TrainExample:
     example_id: str
     input_ids: list[int]
     targets: list[bool]  # targets[t]: token t is trained on (predicted from tokens < t); targets[0] is False
+    end_of_turn: list[bool]  # the end-of-turn tokens that close replies
     weight: float = 1.0
 
     @property
@@ -53,8 +55,8 @@ class LoadReport:
                 f"{self.dropped_no_targets:,} dropped (no trained token left after truncation)")
 
 
-def read_table(path: str | Path, *, split: str | None = None, limit: int | None = None) -> pa.Table:
-    """The rows of a Parquet file or folder; ``split`` keeps rows whose ``split`` column equals it."""
+def read_table(path: str | Path, *, split: str | None = None, stage: int | None = None, limit: int | None = None) -> pa.Table:
+    """The rows of a Parquet file or folder; ``split`` / ``stage`` keep the rows whose column equals it."""
     source = Path(path)
     if not source.exists():
         raise FileNotFoundError(f"training data {source} does not exist (give a Parquet file or a folder of parts)")
@@ -62,12 +64,16 @@ def read_table(path: str | Path, *, split: str | None = None, limit: int | None 
     if not files:
         raise DataError(f"{source}: no Parquet files in this folder")
     dataset = ds.dataset(files, format="parquet")  # a curate table folder also holds a manifest.json
-    if split is not None:
-        if "split" not in dataset.schema.names:
-            raise DataError(f"{source}: --split {split!r} given but the data has no 'split' column")
-        table = dataset.to_table(filter=ds.field("split") == split)
-    else:
-        table = dataset.to_table()
+    condition = None
+    for column, value in (("split", split), ("stage", stage)):
+        if value is None:
+            continue
+        if column not in dataset.schema.names:
+            raise DataError(f"{source}: --{column} {value!r} given but the data has no {column!r} column")
+        condition = (ds.field(column) == value) if condition is None else condition & (ds.field(column) == value)
+    table = dataset.to_table(filter=condition) if condition is not None else dataset.to_table()
+    if table.num_rows == 0 and condition is not None:
+        raise DataError(f"{source}: no rows with {' and '.join(f'{c} = {v!r}' for c, v in (('split', split), ('stage', stage)) if v is not None)}")
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
         raise DataError(f"{source}: missing column(s) {missing}; found {table.column_names}. "
@@ -98,7 +104,7 @@ def load_examples(table: pa.Table, tokenizer: Any, *, max_len: int, source: str)
             chat = tokenize_chat(tokenizer, row["messages"])
         except (TemplateError, KeyError, TypeError) as err:
             raise DataError(f"{where}: cannot render the messages with the chat template: {err}") from err
-        ids, targets = list(chat.token_ids), list(chat.is_response)
+        ids, targets, end_of_turn = list(chat.token_ids), list(chat.is_response), list(chat.is_end_of_turn)
         if has_ids and row["input_ids"] is not None and list(row["input_ids"]) != ids:
             raise DataError(f"{where}: input_ids differ from this model's tokenization of the messages: the masks were "
                             "made with another tokenizer or chat template; re-make them for this model")
@@ -111,13 +117,13 @@ def load_examples(table: pa.Table, tokenizer: Any, *, max_len: int, source: str)
             targets = mask
         targets[0] = False  # nothing predicts the first token
         if len(ids) > max_len:
-            ids, targets = ids[:max_len], targets[:max_len]
+            ids, targets, end_of_turn = ids[:max_len], targets[:max_len], end_of_turn[:max_len]
             report.truncated += 1
         if not any(targets):
             report.dropped_no_targets += 1
             continue
         weight = float(row["weight"]) if has_weight and row["weight"] is not None else 1.0
-        examples.append(TrainExample(str(ids_column[index]) if ids_column else str(index), ids, targets, weight))
+        examples.append(TrainExample(str(ids_column[index]) if ids_column else str(index), ids, targets, end_of_turn, weight))
     if not examples:
         raise DataError(f"{source}: no trainable rows ({report.summary()})")
     return examples, report

@@ -8,7 +8,6 @@ a temporary checkpoint first (vLLM's LoRA path is not used: with prompt log-prob
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -22,23 +21,13 @@ from curate.kernel.machine import device
 from curate.kernel.vllm_factory import close_llm, open_llm
 from train.data import read_table
 from train.objectives import token_stats
-from train.sft import load_tokenizer
+from train.sft import load_checkpoint, load_tokenizer
 
 ENGINES = ("auto", "vllm", "transformers")
 
 
 def load_for_eval(model: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM
-
-    directory = Path(model)
-    if (directory / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
-        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), directory).merge_and_unload()
-    else:
-        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    return loaded.to(device()).eval(), load_tokenizer(model)
+    return load_checkpoint(model).to(device()).eval(), load_tokenizer(model)
 
 
 def answer_nll(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *, max_len: int) -> list[float]:
@@ -98,7 +87,8 @@ def _generate_transformers(model: Any, tokenizer: Any, texts: list[str], max_new
 
 
 def evaluate(model: str, data: str, *, split: str | None = None, limit: int | None = None, max_new_tokens: int = 256,
-             engine: str = "auto", max_len: int = 2048) -> dict[str, Any]:
+             engine: str = "auto", max_len: int = 2048, accuracy: bool = True) -> dict[str, Any]:
+    """Mean answer NLL always; exact-match accuracy of greedy generations when ``accuracy`` (the costly part)."""
     started = time.perf_counter()
     table = read_table(data, split=split, limit=limit)
     conversations = table.column("messages").to_pylist()
@@ -107,7 +97,7 @@ def evaluate(model: str, data: str, *, split: str | None = None, limit: int | No
     nll = answer_nll(loaded, tokenizer, conversations, max_len=max_len)
     metrics: dict[str, Any] = {"model": model, "data": data, "split": split, "examples": table.num_rows,
                                "mean_answer_nll": sum(nll) / len(nll) if nll else None}
-    checked = [(prompt_turns(c), r) for c, r in zip(conversations, references) if r is not None]
+    checked = [(prompt_turns(c), r) for c, r in zip(conversations, references) if r is not None] if accuracy else []
     if checked:
         completions, used = generate_greedy(model, loaded, tokenizer, [p for p, _ in checked], max_new_tokens=max_new_tokens, engine=engine)
         graded = [grade(text, reference) for text, (_, reference) in zip(completions, checked)]

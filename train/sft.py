@@ -25,9 +25,11 @@ from tqdm import tqdm
 from curate.kernel.atomic import staged_directory
 from curate.kernel.machine import PRECISIONS, device, resolve_precision
 from train.data import TrainExample, load_examples, read_table, sample_fraction
-from train.objectives import eksft_mask, kl_to_reference, qtuning_samples, qtuning_tokens, sample_ppl_and_entropy, token_stats
+from train.objectives import (EKSFT_COMBINE, EKSFT_NORMALISE, QTUNING_ENTROPY, QTUNING_NORMALISE, QTUNING_SEARCH, Objective,
+                              eksft_objective, qtuning_objective, sft_objective, token_stats)
 
 METHODS = ("sft", "eksft", "qtuning")
+SCHEDULERS = ("linear", "cosine", "constant")
 
 
 @dataclass
@@ -39,14 +41,28 @@ class TrainConfig:
     lora_r: int = 16  # 0 = full fine-tuning
     epochs: float = 1.0
     lr: float = 2e-4
+    scheduler: str = "linear"  # linear decay to 0, cosine, or constant (after the warm-up)
+    warmup_ratio: float = 0.0  # share of the steps with a linear warm-up
+    weight_decay: float = 0.0
+    adam_beta2: float = 0.999
     max_len: int = 1024
     batch_size: int = 8  # examples per micro-batch (the unit EKSFT and Q-Tuning select within)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int | None = None
-    eksft_ratio: float = 0.2  # EKSFT: share of target tokens in the top-k by entropy and by KL
-    r_sample: float = 0.5  # Q-Tuning: share of samples kept (Q2 ∪ Q4)
-    r_token: float = 0.5  # Q-Tuning: share of tokens kept inside Q2 samples
+    eksft_ratio: float = 0.2  # EKSFT: k = floor(ratio x a sequence's response tokens), per top-k
+    eksft_combine: str = "union"  # EKSFT: union (the paper's script) or intersection (the code's default) of the two top-k
+    eksft_lambda_entropy: float = 0.05  # EKSFT: weight of the entropy bonus on the entropy-masked positions (0: off)
+    eksft_lambda_kl: float = 0.05  # EKSFT: weight of the KL term on the KL-masked positions (0: off)
+    eksft_normalise: str = "sequence"  # EKSFT: sequence (the reference: each sequence weighs the same) or token
+    keep_end_of_turn: bool = False  # EKSFT: never mask the end-of-turn token (the reference may mask it)
+    r_sample: float = 0.25  # Q-Tuning: share of samples kept (Q2 ∪ Q4, filled up); the paper's headline run
+    r_token: float = 0.5  # Q-Tuning: kept tokens = round(T r_sample r_token) of the batch's T positions
     smoothing: float = 0.5  # Q-Tuning: λ, the weight of the neighbours in the token score
+    qtuning_entropy: str = "all"  # Q-Tuning: sample entropy over all positions (the reference) or the response only
+    qtuning_search: str = "last"  # Q-Tuning: the bisection's last iterate (the reference) or best-under
+    qtuning_normalise: str = "reference"  # Q-Tuning: per micro-batch by kept non-pad positions (the reference), or token
+    stage: int | None = None  # keep only rows of this stage (a `stage` column: complexity_split's two stages)
+    preset: str | None = None  # the named preset these settings started from (train_config.json records it)
     split: str | None = None  # keep only rows of this split (a `split` column, as in curate's examples)
     limit: int | None = None  # first N rows only
     fraction: float | None = None  # random share of rows (calibration's warm-up slice)
@@ -59,9 +75,44 @@ class TrainConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
-        for name in ("eksft_ratio", "r_sample", "r_token", "smoothing"):
+        for name in ("eksft_ratio", "r_sample", "r_token", "smoothing", "warmup_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name, allowed in (("scheduler", SCHEDULERS), ("eksft_combine", EKSFT_COMBINE), ("eksft_normalise", EKSFT_NORMALISE),
+                              ("qtuning_entropy", QTUNING_ENTROPY), ("qtuning_search", QTUNING_SEARCH),
+                              ("qtuning_normalise", QTUNING_NORMALISE)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+
+
+# Named settings from the papers (METHODS.md); any option given explicitly overrides its preset value. The
+# papers ran on several GPUs: global batches are kept as batch size x gradient accumulation on one device.
+PRESETS: dict[str, dict[str, Any]] = {
+    "instructdiff-math": {"lora_r": 0, "lr": 5e-5, "batch_size": 8, "grad_accum": 32, "epochs": 3, "max_len": 2048,
+                          "scheduler": "cosine", "warmup_ratio": 0.05, "weight_decay": 0.01},
+    "instructdiff-general": {"lora_r": 0, "lr": 2e-5, "batch_size": 8, "grad_accum": 8, "epochs": 10, "max_len": 2048,
+                             "scheduler": "cosine", "warmup_ratio": 0.05, "weight_decay": 0.01},
+    "instructdiff-medical": {"lora_r": 0, "lr": 2e-5, "batch_size": 8, "grad_accum": 8, "epochs": 3, "max_len": 512,
+                             "scheduler": "cosine", "warmup_ratio": 0.05, "weight_decay": 0.01},
+    "instructdiff-code": {"lora_r": 0, "lr": 1e-5, "batch_size": 8, "grad_accum": 32, "epochs": 5, "max_len": 4096,
+                          "scheduler": "cosine", "warmup_ratio": 0.05, "weight_decay": 0.01},
+    "eksft-paper": {"method": "eksft", "lora_r": 0, "lr": 1e-5, "batch_size": 1, "grad_accum": 64, "epochs": 8,
+                    "max_len": 20000, "scheduler": "cosine", "warmup_ratio": 0.01, "weight_decay": 0.1, "adam_beta2": 0.95},
+    "qtuning-paper": {"method": "qtuning", "lora_r": 16, "lr": 1e-4, "batch_size": 8, "grad_accum": 1, "epochs": 3,
+                      "r_sample": 0.25, "r_token": 0.5},
+    "complexity-stage1": {"lora_r": 0, "lr": 1e-5, "scheduler": "constant", "batch_size": 2, "grad_accum": 8, "epochs": 5,
+                          "max_len": 800, "stage": 1},
+    "complexity-stage2": {"lora_r": 0, "lr": 1e-5, "scheduler": "constant", "batch_size": 2, "grad_accum": 8, "epochs": 5,
+                          "max_len": 2000, "stage": 2},
+}
+
+
+def configure(given: dict[str, Any], *, preset: str | None = None) -> TrainConfig:
+    """A TrainConfig from a preset's values overridden by the options given (``None`` means not given)."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    values = {**(PRESETS[preset] if preset else {}), **{k: v for k, v in given.items() if v is not None}}
+    return TrainConfig(**values, preset=preset)
 
 
 def load_tokenizer(model: str) -> Any:
@@ -74,12 +125,24 @@ def load_tokenizer(model: str) -> Any:
     return tokenizer
 
 
-def load_model(config: TrainConfig) -> tuple[Any, Any]:
-    from peft import LoraConfig, get_peft_model
+def load_checkpoint(model: str) -> Any:
+    """A model from a checkpoint folder or hub id, or a LoRA adapter folder merged onto its base (float32)."""
     from transformers import AutoModelForCausalLM
 
+    directory = Path(model)
+    if (directory / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), directory).merge_and_unload()
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+
+
+def load_model(config: TrainConfig) -> tuple[Any, Any]:
+    from peft import LoraConfig, get_peft_model
+
     tokenizer = load_tokenizer(config.model)
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).to(device())
+    model = load_checkpoint(config.model).to(device())  # stage 2 starts from stage 1's adapter, merged
     if config.lora_r:
         lora = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
@@ -109,19 +172,21 @@ def collate(micro: list[TrainExample], pad_id: int) -> dict[str, torch.Tensor]:
     ids = torch.full((len(micro), width), pad_id, dtype=torch.long)
     attention = torch.zeros(len(micro), width, dtype=torch.long)
     targets = torch.zeros(len(micro), width, dtype=torch.bool)
+    end_of_turn = torch.zeros(len(micro), width, dtype=torch.bool)
     for row, example in enumerate(micro):
         n = len(example.input_ids)
         ids[row, :n] = torch.tensor(example.input_ids)
         attention[row, :n] = 1
         targets[row, :n] = torch.tensor(example.targets)
+        end_of_turn[row, :n] = torch.tensor(example.end_of_turn)
     weights = torch.tensor([e.weight for e in micro], dtype=torch.float32)
-    return {"input_ids": ids.to(device()), "attention_mask": attention.to(device()), "targets": targets.to(device()), "weights": weights.to(device())}
+    batch = {"input_ids": ids, "attention_mask": attention, "targets": targets, "end_of_turn": end_of_turn, "weights": weights}
+    return {name: tensor.to(device()) for name, tensor in batch.items()}
 
 
-def select_targets(config: TrainConfig, model: Any, reference: Any, batch: dict[str, torch.Tensor], stats: Any) -> tuple[torch.Tensor, dict[str, float]]:
-    """The tokens this micro-batch trains on, by the method, and what was dropped (for the log)."""
-    targets = batch["targets"]
-    n_targets = int(targets.sum())
+def objective(config: TrainConfig, model: Any, reference: Any, batch: dict[str, torch.Tensor], stats: Any) -> Objective:
+    """This micro-batch's loss by the method: what it trains on, and what the optimizer step divides by."""
+    targets, weights = batch["targets"], batch["weights"]
     if config.method == "eksft":
         with torch.no_grad(), _autocast(config):
             if reference is None:  # LoRA: the frozen initial model is the base without its adapter
@@ -129,17 +194,29 @@ def select_targets(config: TrainConfig, model: Any, reference: Any, batch: dict[
                     reference_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             else:
                 reference_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        kl = kl_to_reference(stats.log_probs.detach(), reference_logits)
-        keep = eksft_mask(stats.entropy, kl, targets, ratio=config.eksft_ratio)
-        return keep, {"targets": n_targets, "kept_tokens": int(keep.sum()), "kl_sum": float(kl[targets].sum())}
+        return eksft_objective(stats, reference_logits, targets, weights, ratio=config.eksft_ratio, combine=config.eksft_combine,
+                               lambda_entropy=config.eksft_lambda_entropy, lambda_kl=config.eksft_lambda_kl,
+                               normalise=config.eksft_normalise, protected=batch["end_of_turn"] if config.keep_end_of_turn else None)
     if config.method == "qtuning":
-        ppl, entropy = sample_ppl_and_entropy(stats.nll, stats.entropy, targets)
-        q2, q4 = qtuning_samples(ppl, entropy, r_sample=config.r_sample)
-        keep = qtuning_tokens(stats.nll, targets, q2, r_token=config.r_token, smoothing=config.smoothing)
-        keep |= targets & q4[:, None]
-        return keep, {"targets": n_targets, "kept_tokens": int(keep.sum()), "q2": int(q2.sum()), "q4": int(q4.sum()),
-                      "dropped_samples": int((~(q2 | q4)).sum())}
-    return targets, {"targets": n_targets, "kept_tokens": n_targets}
+        return qtuning_objective(stats, targets, batch["attention_mask"].sum(dim=1), weights, r_sample=config.r_sample,
+                                 r_token=config.r_token, smoothing=config.smoothing, entropy_over=config.qtuning_entropy,
+                                 search=config.qtuning_search, normalise=config.qtuning_normalise)
+    return sft_objective(stats, targets, weights)
+
+
+def learning_rate_factor(config: TrainConfig, steps: int):
+    """The learning-rate multiplier at each step: a linear warm-up, then linear decay, cosine, or constant."""
+    warmup = int(math.ceil(config.warmup_ratio * steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(steps - warmup, 1)
+        if config.scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 if config.scheduler == "constant" else max(0.0, 1 - progress)
+
+    return factor
 
 
 def _autocast(config: TrainConfig):
@@ -155,45 +232,45 @@ def train(config: TrainConfig, *, progress: bool = True) -> tuple[Any, Any, dict
     reference = None
     if config.method == "eksft" and not config.lora_r:
         reference = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen initial model
-    table = read_table(config.data, split=config.split, limit=config.limit)
+    table = read_table(config.data, split=config.split, stage=config.stage, limit=config.limit)
     if config.fraction is not None:
         table = sample_fraction(table, config.fraction, seed=config.seed)
     examples, load_report = load_examples(table, tokenizer, max_len=config.max_len, source=config.data)
     steps = batches(examples, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / max(len(steps), 1)))
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, config.adam_beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(config, len(steps)))
     model.train()
     log: list[dict[str, Any]] = []
     started, tokens_seen = time.perf_counter(), 0
     bar = tqdm(steps, desc=f"train {config.method}", unit=" step", disable=not progress, file=sys.stderr)
     for step, micro_batches in enumerate(bar, start=1):
-        loss_sum, record = 0.0, {"step": step}
+        loss_sum, units, record = 0.0, 0.0, {"step": step}
         for micro in micro_batches:
             batch = collate(micro, tokenizer.pad_token_id)
             with _autocast(config):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             stats = token_stats(logits, batch["input_ids"], with_entropy=config.method != "sft")
-            keep, info = select_targets(config, model, reference, batch, stats)
-            token_weight = keep.float() * batch["weights"][:, None]
-            loss = (stats.nll * token_weight).sum()
-            loss.backward()
-            loss_sum += float(loss.detach())
+            result = objective(config, model, reference, batch, stats)
+            result.loss.backward()
+            loss_sum += float(result.loss.detach())
+            units += result.units
             tokens_seen += int(batch["attention_mask"].sum())
-            for name, value in info.items():  # counts summed over the step's micro-batches
+            for name, value in result.info.items():  # counts summed over the step's micro-batches
                 record[name] = record.get(name, 0) + value
         if "kl_sum" in record:  # EKSFT: mean KL over the step's target tokens
             record["mean_kl"] = record.pop("kl_sum") / max(record["targets"], 1)
-        kept = record["kept_tokens"]
-        for parameter in trainable:
+        if "alpha" in record:  # Q-Tuning: the mean of the micro-batches' alphas
+            record["alpha"] /= len(micro_batches)
+        for parameter in trainable:  # the method's normalisation: trained tokens, sequences or micro-batches
             if parameter.grad is not None:
-                parameter.grad /= max(kept, 1)
+                parameter.grad /= max(units, 1)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
-        record |= {"loss": loss_sum / max(kept, 1), "lr": scheduler.get_last_lr()[0], "seconds": elapsed,
+        record |= {"loss": loss_sum / max(units, 1), "lr": scheduler.get_last_lr()[0], "seconds": elapsed,
                    "tokens_per_s": tokens_seen / elapsed}
         log.append(record)
         bar.set_postfix_str(f"loss {record['loss']:.3f}, {record['tokens_per_s']:,.0f} tok/s")
@@ -206,14 +283,17 @@ def train(config: TrainConfig, *, progress: bool = True) -> tuple[Any, Any, dict
 
 
 def run_sft(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Train and write: the adapter (LoRA) or model (full), the resolved config, metrics.jsonl, loss_curve.png.
+    """Train and write: the adapter (LoRA) or model (full; or LoRA trained on an adapter's merged model, as
+    stage 2 on stage 1: merged again), the resolved config, metrics.jsonl, loss_curve.png.
 
     Everything is written into a staging folder that replaces ``--out`` whole at the end: a killed run
     leaves no folder that looks finished (and its staging folder is removed when it fails)."""
     with _run_record(config, "sft") as record, checkpoint_folder(config.out) as out:
         model, tokenizer, summary = train(config, progress=progress)
-        target = out / ("adapter" if config.lora_r else "model")
-        model.save_pretrained(target)
+        # an adapter on top of another adapter's merged model would point at the wrong base: save it merged
+        stacked = bool(config.lora_r) and (Path(config.model) / "adapter_config.json").is_file()
+        target = out / ("adapter" if config.lora_r and not stacked else "model")
+        (model.merge_and_unload() if stacked else model).save_pretrained(target)
         tokenizer.save_pretrained(target)
         write_run_files(out, config, summary)
         record.counts = _counts(summary)
@@ -294,15 +374,13 @@ def plot_losses(log: list[dict[str, Any]], path: Path, *, title: str) -> None:
 
 
 def run_calibrate(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
-    """InstructDiff's calibrated model: LoRA SFT on a random warm-up slice, merged into a normal checkpoint
-    (config + safetensors + tokenizer) that vLLM and transformers both load. Written through a staging
+    """InstructDiff's calibrated model: SFT on a random warm-up slice, saved as a normal checkpoint (config +
+    safetensors + tokenizer) that vLLM and transformers both load. Full fine-tuning (``lora_r`` 0) is the
+    reference; a LoRA adapter is merged (``merge_and_unload``) into the checkpoint. Written through a staging
     folder, so a killed calibration never leaves a checkpoint folder that a scorer would load."""
-    if not config.lora_r:
-        raise ValueError("calibration merges a LoRA adapter: use --lora-r > 0")
     with _run_record(config, "calibrate") as record, checkpoint_folder(config.out) as out:
         model, tokenizer, summary = train(config, progress=progress)
-        merged = model.merge_and_unload()
-        merged.save_pretrained(out)
+        (model.merge_and_unload() if config.lora_r else model).save_pretrained(out)
         tokenizer.save_pretrained(out)
         write_run_files(out, config, summary)
         record.counts = _counts(summary)

@@ -4,6 +4,7 @@
 Styles, tried in this order by ``auto``:
 - ``hash``: GSM8K's ``#### 18`` marker (last one wins)
 - ``boxed``: LaTeX ``\\boxed{...}`` (last one wins, nested braces handled)
+- ``brackets``: ``[[18]]``, the complexity-aware reference's answer format (last one wins)
 - ``answer-is``: "the answer is 18", "Answer: 18"
 - ``last-number``: the last number in the text
 
@@ -16,17 +17,19 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-KINDS = ("numeric", "choice")
-STYLES = ("auto", "hash", "boxed", "answer-is", "last-number", "choice")
+KINDS = ("numeric", "choice", "options")  # options: a multiple-choice answer given as the option's number
+STYLES = ("auto", "hash", "boxed", "brackets", "answer-is", "last-number", "choice")
 
 _NUMBER = r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 _HASH = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
+_BRACKETS = re.compile(r"\[\[\s*(.+?)\s*\]\]")
 _ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*:?\s*(.+?)(?:\.\s|\.?$|\n)", re.IGNORECASE)
 _LAST_NUMBER = re.compile(_NUMBER)
 _OPTION = r"\(?([A-J]|[1-9]\d?)\)?(?![\w])"  # an option letter (capital) or number, maybe in brackets
 _CHOICE_PATTERNS = (
     re.compile(r"(?i:answer)\s*(?:(?i:is)|:)\s*:?\s*(?:(?i:option|choice)\s*)?\**\s*" + _OPTION),
     re.compile(r"\\boxed\{\s*" + _OPTION + r"\s*\}"),
+    re.compile(r"\[\[\s*" + _OPTION + r"\s*\]\]"),
     re.compile(r"^\W*" + _OPTION + r"\W*$", re.MULTILINE),
 )
 
@@ -35,7 +38,7 @@ def extract_answer(text: str, style: str = "auto") -> str | None:
     """The final answer in ``text`` by ``style``, normalised if it is a number; None if there is none."""
     if style not in STYLES:
         raise ValueError(f"unknown answer style {style!r}; choose one of {', '.join(STYLES)}")
-    order = ("hash", "boxed", "answer-is", "last-number") if style == "auto" else (style,)
+    order = ("hash", "boxed", "brackets", "answer-is", "last-number") if style == "auto" else (style,)
     for one in order:
         found = _EXTRACTORS[one](text)
         if found is not None and found.strip():
@@ -79,6 +82,11 @@ def _boxed(text: str) -> str | None:
     return text[begin : i - 1] if depth == 0 else None
 
 
+def _brackets(text: str) -> str | None:
+    found = _BRACKETS.findall(text)
+    return found[-1] if found else None
+
+
 def _answer_is(text: str) -> str | None:
     found = _ANSWER_IS.findall(text)
     return found[-1] if found else None
@@ -97,7 +105,8 @@ def _choice(text: str) -> str | None:
     return None
 
 
-_EXTRACTORS = {"hash": _hash, "boxed": _boxed, "answer-is": _answer_is, "last-number": _last_number, "choice": _choice}
+_EXTRACTORS = {"hash": _hash, "boxed": _boxed, "brackets": _brackets, "answer-is": _answer_is, "last-number": _last_number,
+               "choice": _choice}
 
 
 _LETTER = re.compile(r"[A-Ja-j]")
@@ -116,11 +125,14 @@ def grade(text: str, reference: str | None, *, kind: str | None = None) -> tuple
     kind = kind or kind_of(reference)
     if kind not in KINDS:
         raise ValueError(f"unknown answer kind {kind!r}; choose one of {', '.join(KINDS)}")
-    extracted = extract_answer(text, "choice" if kind == "choice" else "auto")
+    extracted = extract_answer(text, "auto" if kind == "numeric" else "choice")
     if reference is None:
         return extracted, None
     if extracted is None:
         return None, False
+    if kind == "options":  # the reference is a letter, the answer the option's number (A = 1)
+        number = str(ord(reference.strip().upper()) - ord("A") + 1) if reference.strip().isalpha() else reference.strip()
+        return extracted, extracted.upper() in (number, reference.strip().upper())
     if kind == "choice":
         return extracted, extracted.upper() == reference.strip().upper()
     return extracted, extracted == normalize_answer(reference)

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 Message = dict[str, str]
 OUTSIDE = -1  # message index of tokens that belong to no message (template text after the last turn)
 # Bump when the rules below change which tokens are response tokens (a test pins it to this file's code).
-SPANS_VERSION = "2"
+SPANS_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,14 @@ class ChatTokens:
     message_index: list[int]
     role: list[str | None]
     is_response: list[bool]
+    is_end_of_turn: list[bool]  # the end-of-turn token closing a reply (a response token too)
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
     def truncated(self, length: int) -> "ChatTokens":
-        return ChatTokens(
-            self.token_ids[:length], self.message_index[:length], self.role[:length], self.is_response[:length]
-        )
+        return ChatTokens(self.token_ids[:length], self.message_index[:length], self.role[:length],
+                          self.is_response[:length], self.is_end_of_turn[:length])
 
 
 class TemplateError(ValueError):
@@ -103,6 +103,7 @@ def tokenize_chat(tokenizer: Any, messages: Sequence[Message]) -> ChatTokens:
     message_index = [_region(start, starts) for start, _ in offsets]
     roles = [messages[m]["role"] if m != OUTSIDE else None for m in message_index]
     is_response = [False] * len(ids)
+    is_end_of_turn = [False] * len(ids)
     for i, begin, end in response_spans:
         inside = [t for t, (s, _) in enumerate(offsets) if begin <= s < end or (s < begin < offsets[t][1])]
         for t in inside:
@@ -110,7 +111,41 @@ def tokenize_chat(tokenizer: Any, messages: Sequence[Message]) -> ChatTokens:
         after = (inside[-1] + 1) if inside else next((t for t, (s, _) in enumerate(offsets) if s >= end), len(ids))
         if after < len(ids) and ids[after] in end_of_turn and message_index[after] == i:
             is_response[after] = True  # the end-of-turn token is trained: it teaches the model to stop
-    return ChatTokens(ids, message_index, roles, is_response)
+            is_end_of_turn[after] = True
+    return ChatTokens(ids, message_index, roles, is_response, is_end_of_turn)
+
+
+# InstructDiff's scoring format (zhuchichi56/Instruct-diff): plain text, no chat template; the response follows
+# the prompt after a newline and gets no end-of-sequence token; the tokenizer adds its BOS as it does by default.
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Response:")
+PROMPT_FORMATS = ("chat", "alpaca")
+
+
+def tokenize_alpaca(tokenizer: Any, messages: Sequence[Message]) -> ChatTokens:
+    """The last user turn in the Alpaca prompt, then a newline and the last reply, as plain text: the
+    response tokens are every token after the prompt's (the newline included), as the reference counts them."""
+    turns = prompt_turns(messages)
+    if not turns or turns[-1]["role"] != "user" or len(turns) == len(messages):
+        raise TemplateError("the Alpaca format needs a user turn followed by the reply")
+    user = len(turns) - 1
+    prompt = ALPACA_PROMPT.format(instruction=turns[-1]["content"])
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    ids = list(tokenizer(prompt + "\n" + messages[-1]["content"])["input_ids"])
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise TemplateError("the tokenizer merges the Alpaca prompt's last token with the reply; it cannot be split")
+    response = [t >= len(prompt_ids) for t in range(len(ids))]
+    return ChatTokens(ids, [len(messages) - 1 if r else user for r in response],
+                      ["assistant" if r else "user" for r in response], response, [False] * len(ids))
+
+
+def tokenize(tokenizer: Any, messages: Sequence[Message], prompt_format: str = "chat") -> ChatTokens:
+    """The conversation's tokens in a prompt format: the model's chat template, or the Alpaca plain text."""
+    if prompt_format == "chat":
+        return tokenize_chat(tokenizer, messages)
+    if prompt_format == "alpaca":
+        return tokenize_alpaca(tokenizer, messages)
+    raise ValueError(f"unknown prompt format {prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)}")
 
 
 def _region(char: int, starts: list[int]) -> int:

@@ -16,7 +16,7 @@ import hashlib
 import json
 from typing import Any
 
-SIGNALS_VERSION = "2026.12.1"
+SIGNALS_VERSION = "2026.12.2"
 
 # the files whose code defines the signals (relative to the repository root); see tests/test_keys.py
 SIGNAL_DEFINITION_FILES = (

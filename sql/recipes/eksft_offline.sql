@@ -1,20 +1,26 @@
 -- name: eksft_offline
--- description: EKSFT offline (our variant of arXiv 2605.29303): per example, of its response tokens, the
---   top `ratio` by entropy under the base model and the top `ratio` by KL(calibrated || base) are masked
---   out of the loss (union, so between k and 2k tokens with k = ceil(ratio x response tokens)). The paper
---   masks online per micro-batch under the model being trained (`train sft --method eksft`); here the
---   mask is fixed ahead of training from a base and a calibrated model. The end-of-turn token is always
---   kept: it teaches the model to stop. Signals of token t come from the logits that predicted it.
+-- description: EKSFT (arXiv 2605.29303) with its masks fixed ahead of training (our offline variant; the
+--   paper masks online, `train sft --method eksft`). Per example, as the reference does per sequence
+--   (MINE-USTC/EKSFT @0908ab2): k = floor(ratio x its response tokens); of its response tokens, the top k by
+--   entropy under the base model and the top k by KL(calibrated || base) are masked out of the loss, their
+--   union (the paper's script; combine = intersection: the code's default). Ties go to the earlier token.
+--   The end-of-turn token is a candidate like any response token, as in the reference (keep_end_of_turn =
+--   true never masks it). Signals of token t come from the logits that predicted it (the reference is one
+--   position off). The entropy-bonus and KL loss terms exist online only.
 -- grain: one row per example, with a token mask
 -- parameters:
---   base_key (score_run): score key of the base model (token_scores.score_key, its entropy)
---   pair_key (pair_run): the pair run with this base (pair_scores.pair_key, its KL)
---   ratio (float) = 0.2: share of response tokens in each top-k
+--   base_key (score_run): the base model's scoring run (token_scores, its entropy)
+--   pair_key (pair_run): the pair run with this base (pair_scores, its KL)
+--   ratio (float) = 0.2: k = floor(ratio x response tokens) per top-k
+--   combine (text) = union: union or intersection of the two top-k
+--   keep_end_of_turn (bool) = false: never mask the end-of-turn token
 --   split (text) = pool: which split to draw from
+-- audits: duplicate_example_id, unknown_example_id, mask_length_differs, mask_with_replaced_answer
 -- output: example_id, token_ids, is_response, loss_mask, n_response_tokens, bucket
 
 with scored as (
-    select t.example_id, t.token_ids, t.is_response, t.entropy, p.kl
+    select t.example_id, t.token_ids, t.is_response, coalesce(t.is_end_of_turn, list_transform(t.is_response, lambda r: false)) as is_end_of_turn,
+           t.entropy, p.kl
     from token_scores t
     join pair_scores p on p.example_id = t.example_id and p.base_key = t.score_key
     join examples e on e.example_id = t.example_id
@@ -26,17 +32,20 @@ positions as (
     select
         *,
         generate_series(1, len(token_ids)) as pos,
-        len(list_filter(is_response, lambda r: r)) as n_response,
-        len(is_response) - list_position(list_reverse(is_response), true) + 1 as end_of_turn
+        floor($ratio * len(list_filter(is_response, lambda r: r)))::integer as k,
+        list_transform(generate_series(1, len(token_ids)), lambda i:
+            coalesce(is_response[i] and not ($keep_end_of_turn and is_end_of_turn[i]), false)) as candidate
     from scored
 ),
 
 ranked as (
     select
         *,
-        -- the top-k response positions by each signal, ties to the earlier token: sort (-signal, position)
-        list_grade_up(list_transform(pos, lambda i: case when is_response[i] then {'v': -entropy[i], 'p': i} end), 'ASC', 'NULLS LAST')[1:ceil($ratio * n_response)::integer] as top_entropy,
-        list_grade_up(list_transform(pos, lambda i: case when is_response[i] then {'v': -kl[i], 'p': i} end), 'ASC', 'NULLS LAST')[1:ceil($ratio * n_response)::integer] as top_kl
+        -- the top-k candidates by each signal, ties to the earlier token: sort (-signal, position)
+        list_filter(list_grade_up(list_transform(pos, lambda i: case when candidate[i] then {'v': -entropy[i], 'p': i} end),
+                                  'ASC', 'NULLS LAST')[1:k], lambda i: candidate[i]) as top_entropy,
+        list_filter(list_grade_up(list_transform(pos, lambda i: case when candidate[i] then {'v': -kl[i], 'p': i} end),
+                                  'ASC', 'NULLS LAST')[1:k], lambda i: candidate[i]) as top_kl
     from positions
 ),
 
@@ -48,12 +57,13 @@ final as (
         list_transform(pos, lambda i:
             case
                 when not is_response[i] then 0
-                when i = end_of_turn then 1
-                when list_contains(top_entropy, i) or list_contains(top_kl, i) then 0
+                when $combine = 'union' and (list_contains(top_entropy, i) or list_contains(top_kl, i)) then 0
+                when $combine = 'intersection' and list_contains(top_entropy, i) and list_contains(top_kl, i) then 0
+                when $combine not in ('union', 'intersection') then error('combine must be union or intersection, got ' || $combine)
                 else 1
             end
         )::tinyint[] as loss_mask,
-        n_response as n_response_tokens,
+        len(list_filter(is_response, lambda r: r)) as n_response_tokens,
         'eksft' as bucket
     from ranked
 )

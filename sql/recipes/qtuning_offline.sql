@@ -1,132 +1,178 @@
 -- name: qtuning_offline
--- description: Q-Tuning offline (our variant of arXiv 2509.23873): the error-uncertainty plane from one
---   model's sample scores with global quantiles (percent ranks). error = PPL over response tokens, uncertainty = mean
---   token entropy over response tokens (response-only, not every position as in the authors' code).
---   Q2 (misconception: PPL > q(1 - alpha) and H <= q(alpha)) is kept with its tokens pruned; Q4
---   (calibration: PPL <= q(alpha) and H > q(1 - alpha)) is kept whole; Q1 and Q3 are dropped. alpha is the
---   largest of 0.01, 0.02 .. 0.49 that keeps at most r_sample of the examples (the paper bisects alpha per
---   mini-batch and fills a shortfall by |ppl_norm - H_norm|; no fill-up here). Inside each
---   Q2 example, every response token gets s_i = (1 - smoothing) ppl_i + smoothing (ppl_{i-1} + ppl_{i+1})
---   (a missing neighbour counts as the token itself) and the ceil(r_token x n) lowest scores are kept,
---   plus the end-of-turn token. The online version is `train sft --method qtuning`.
--- grain: one row per kept example; Q2 rows carry a token mask
+-- description: Q-Tuning (arXiv 2509.23873) over the whole pool as one batch, as the reference trainer does it
+--   per micro-batch (Q-tuning/Q-tuning @dd6eba5). Per example: PPL over its response tokens and the mean
+--   entropy over every predicted position, prompt included (entropy_over = response: the response only).
+--   alpha = beta moved together by bisection on [0, 0.49] (at most 10 iterations, tolerance 0.01) with
+--   linear-interpolation quantiles, keeping the last iterate (search = best-under: the iterate keeping the
+--   most without going over r_sample). Q2 = PPL > q(1 - alpha) and H <= q(alpha) (misconception: kept,
+--   tokens pruned); Q4 = PPL <= q(alpha) and H > q(1 - alpha) (calibration: kept whole). Filled up to
+--   max(1, round(N r_sample)) by |ppl_n - H_n| (min-max normalised), a filled example being Q2-like when
+--   ppl_n >= H_n. Token budget: keep round(T r_sample r_token) of the pool's T predicted positions (n - 1
+--   per example, prompt included); the positions of dropped examples count as removed; the rest is removed
+--   from the response tokens of Q2 and Q2-like examples, highest s_t = (1 - smoothing) ppl_t + smoothing
+--   (ppl_{t-1} + ppl_{t+1}) first, a prompt position having ppl 1 and one before the start or past the end
+--   0; ties to the earlier example, then the earlier token. The end-of-turn token is a response token like
+--   the others (the reference may prune it). Rounding halves to even, as the reference's Python round.
+--   A Q2 example that loses every response token trains nothing: select drops it, counted.
+-- grain: one row per kept example; Q2 and Q2-like rows carry a token mask
 -- parameters:
---   score_key (score_run): the scoring run (sample_scores and token_scores)
---   r_sample (float) = 0.25: share of the examples kept (Q2 and Q4 together, at most)
---   r_token (float) = 0.5: share of response tokens kept in Q2 examples
+--   score_key (score_run): the scoring run (token_scores and sample_scores)
+--   r_sample (float) = 0.25: share of the examples kept (the paper's headline run)
+--   r_token (float) = 0.5: with r_sample, the share of the pool's positions kept
 --   smoothing (float) = 0.5: lambda, the neighbours' weight in the token score
+--   entropy_over (text) = all: all (the reference) or response
+--   search (text) = last: last (the reference) or best-under
 --   split (text) = pool: which split to draw from
+-- audits: duplicate_example_id, unknown_example_id, mask_length_differs, mask_with_replaced_answer
 -- output: example_id, bucket, alpha, ppl, mean_entropy, token_ids, is_response, loss_mask, n_response_tokens
 
-with samples as (
-    select s.example_id, s.ppl, s.mean_entropy, s.n_response_tokens
-    from sample_scores s
-    join examples e using (example_id)
-    where s.score_key = $score_key and e.split = $split
-),
-
-grid as (
-    select alpha / 100.0 as alpha from range(1, 50) r(alpha)  -- 0.01 .. 0.49
-),
-
-ranked as (
+with recursive scored as (
     select
-        *,
-        percent_rank() over (order by ppl) as ppl_rank,  -- x > q(1 - alpha) is rank > 1 - alpha
-        percent_rank() over (order by mean_entropy) as entropy_rank
-    from samples
+        t.example_id, t.token_ids, t.is_response, t.logprob, t.n_tokens, s.ppl, s.n_response_tokens,
+        case
+            when $entropy_over = 'all' then list_avg(t.entropy)
+            when $entropy_over = 'response' then s.mean_entropy
+            else error('entropy_over must be all or response, got ' || $entropy_over)
+        end as mean_entropy
+    from token_scores t
+    join sample_scores s on s.example_id = t.example_id and s.score_key = t.score_key
+    join examples e on e.example_id = t.example_id
+    where t.score_key = $score_key and t.variant = 'chat' and e.split = $split
+),
+
+pool as (
+    select list_sort(list(ppl)) as ppls, list_sort(list(mean_entropy)) as entropies, count(*) as n from scored
+),
+
+-- the bisection: one row per iteration; quantile q of a sorted list l of n values is linear interpolation
+-- at h = (n - 1) q between l[floor(h) + 1] and l[floor(h) + 2] (lists count from 1)
+search(iteration, low, high, alpha, p_low, p_high, h_low, h_high, share, stop) as (
+    select 0, 0.0::double, 0.49::double, null::double, null::double, null::double, null::double, null::double,
+           null::double, false
+    union all
+    select
+        step.iteration + 1,
+        case when step.share < $r_sample then step.alpha else step.low end,
+        case when step.share < $r_sample then step.high else step.alpha end,
+        step.alpha, step.p_low, step.p_high, step.h_low, step.h_high, step.share,
+        abs(step.share - $r_sample) < 0.01
+    from (
+        select
+            cut.*,
+            (select count(*) filter (where (ppl > cut.p_high and mean_entropy <= cut.h_low)
+                                        or (ppl <= cut.p_low and mean_entropy > cut.h_high)) from scored)::double
+                / (select n from pool) as share
+        from (
+            select
+                s.iteration, s.low, s.high, (s.low + s.high) / 2 as alpha,
+                list_transform([(p.n - 1) * (s.low + s.high) / 2, (p.n - 1) * (1 - (s.low + s.high) / 2)], lambda h:
+                    p.ppls[floor(h)::integer + 1]
+                    + (h - floor(h)) * (p.ppls[least(floor(h)::integer + 2, p.n)] - p.ppls[floor(h)::integer + 1])) as ppl_cuts,
+                list_transform([(p.n - 1) * (s.low + s.high) / 2, (p.n - 1) * (1 - (s.low + s.high) / 2)], lambda h:
+                    p.entropies[floor(h)::integer + 1]
+                    + (h - floor(h)) * (p.entropies[least(floor(h)::integer + 2, p.n)] - p.entropies[floor(h)::integer + 1])) as entropy_cuts
+            from search s, pool p
+            where s.iteration < 10 and not s.stop
+        ) raw,
+        lateral (select raw.iteration, raw.low, raw.high, raw.alpha, raw.ppl_cuts[1] as p_low, raw.ppl_cuts[2] as p_high,
+                        raw.entropy_cuts[1] as h_low, raw.entropy_cuts[2] as h_high) cut
+    ) step
+),
+
+chosen as (
+    select alpha, p_low, p_high, h_low, h_high
+    from search
+    where iteration > 0
+    order by
+        case
+            when $search = 'last' then -iteration
+            when $search = 'best-under' then case when share <= $r_sample then -share else 2 + share end
+            else error('search must be last or best-under, got ' || $search)
+        end,
+        iteration
+    limit 1
 ),
 
 quadrants as (
     select
-        grid.alpha,
-        ranked.* exclude (ppl_rank, entropy_rank),
+        scored.*, chosen.alpha,
         case
-            when ppl_rank > 1 - grid.alpha and entropy_rank <= grid.alpha then 'q2'
-            when ppl_rank <= grid.alpha and entropy_rank > 1 - grid.alpha then 'q4'
+            when ppl > p_high and mean_entropy <= h_low then 'q2'
+            when ppl <= p_low and mean_entropy > h_high then 'q4'
+        end as quadrant,
+        (ppl - min(ppl) over ()) / nullif(max(ppl) over () - min(ppl) over (), 0) as ppl_n,
+        (mean_entropy - min(mean_entropy) over ()) / nullif(max(mean_entropy) over () - min(mean_entropy) over (), 0) as entropy_n
+    from scored, chosen
+),
+
+-- fill-up to max(1, round(N r_sample)) by |ppl_n - H_n|, farthest from the diagonal first
+filled as (
+    select
+        *,
+        case
+            when quadrant is not null then quadrant
+            when row_number() over (partition by quadrant is null
+                                    order by abs(coalesce(ppl_n, 0) - coalesce(entropy_n, 0)) desc, example_id)
+                 <= greatest(1, round_even((select n from pool) * $r_sample, 0))
+                    - (select count(quadrant) from quadrants)
+            then case when coalesce(ppl_n, 0) >= coalesce(entropy_n, 0) then 'q2_fill' else 'q4_fill' end
         end as bucket
-    from grid, ranked
-),
-
-chosen_alpha as (
-    -- the widest cut that keeps no more than r_sample of the examples (the paper bisects per mini-batch)
-    select coalesce(max(alpha), 0.01) as alpha
-    from (
-        select alpha, count(bucket) as kept from quadrants group by alpha
-    )
-    where kept <= $r_sample * (select count(*) from samples)
-),
-
-kept as (
-    select quadrants.* exclude (alpha), quadrants.alpha
     from quadrants
-    join chosen_alpha using (alpha)
-    where bucket is not null
 ),
 
-q2_scores as (
-    select t.example_id, t.token_ids, t.is_response, t.logprob
-    from token_scores t
-    join kept using (example_id)
-    where t.score_key = $score_key and t.variant = 'chat' and kept.bucket = 'q2'
+budget as (
+    select greatest(0,
+        (sum(n_tokens - 1) - round_even(sum(n_tokens - 1) * $r_sample * $r_token, 0))
+        - coalesce(sum(n_tokens - 1) filter (where bucket is null), 0)
+    ) as remaining
+    from filled
 ),
 
--- list functions per example instead of one row per token (as in eksft_offline): the same ranks, far less work
-responses as (
-    select
-        *,
-        list_filter(generate_series(1, len(token_ids)), lambda i: is_response[i]) as response_pos,
-        len(is_response) - list_position(list_reverse(is_response), true) + 1 as end_of_turn
-    from q2_scores
+-- one row per response token of the Q2 and Q2-like examples, with its neighbours' ppl by position
+candidates as (
+    select example_id, position, score
+    from (
+        select
+            example_id,
+            unnest(generate_series(1, len(token_ids))) as position,
+            unnest(list_transform(generate_series(1, len(token_ids)), lambda i:
+                case when i = 1 then null else
+                    (1 - $smoothing) * exp(-logprob[i])
+                    + $smoothing * (
+                        (case when i <= 2 then 0 when is_response[i - 1] then exp(-logprob[i - 1]) else 1 end)
+                        + (case when i >= len(token_ids) then 0 when is_response[i + 1] then exp(-logprob[i + 1]) else 1 end))
+                end)) as score,
+            unnest(is_response) as response
+        from filled
+        where bucket in ('q2', 'q2_fill')
+    )
+    where response and position > 1
 ),
 
-perplexities as (
-    -- ppl of each response token, in order; neighbours are the previous and next response tokens
-    select *, list_transform(response_pos, lambda i: exp(-logprob[i])) as ppl
-    from responses
-),
-
-smoothed as (
-    select
-        *,
-        list_transform(generate_series(1, len(ppl)), lambda j:
-            (1 - $smoothing) * ppl[j]
-            + $smoothing * ((case when j > 1 then ppl[j - 1] else ppl[j] end) + (case when j < len(ppl) then ppl[j + 1] else ppl[j] end))
-        ) as token_score
-    from perplexities
-),
-
-kept_tokens as (
-    select
-        *,
-        -- the ceil(r_token x n) lowest scores, ties to the earlier token: sort (score, position)
-        list_transform(
-            list_grade_up(list_transform(generate_series(1, len(token_score)), lambda j: {'v': token_score[j], 'p': j}))[1:ceil($r_token * len(token_score))::integer],
-            lambda j: response_pos[j]
-        ) as kept_pos
-    from smoothed
-),
-
-masks as (
-    select
-        example_id,
-        list_transform(generate_series(1, len(is_response)), lambda i:
-            case
-                when not is_response[i] then 0
-                when i = end_of_turn or list_contains(kept_pos, i) then 1
-                else 0
-            end
-        )::tinyint[] as loss_mask
-    from kept_tokens
+dropped as (
+    select example_id, list(position) as positions
+    from (
+        select *, row_number() over (order by score desc, example_id, position) as rank
+        from candidates
+    )
+    where rank <= (select remaining from budget)
+    group by example_id
 ),
 
 final as (
     select
-        kept.example_id, kept.bucket, kept.alpha, kept.ppl, kept.mean_entropy,
-        q2_scores.token_ids, q2_scores.is_response, masks.loss_mask, kept.n_response_tokens
-    from kept
-    left join q2_scores using (example_id)
-    left join masks using (example_id)
+        filled.example_id, filled.bucket, filled.alpha, filled.ppl, filled.mean_entropy,
+        case when filled.bucket in ('q2', 'q2_fill') then filled.token_ids end as token_ids,
+        case when filled.bucket in ('q2', 'q2_fill') then filled.is_response end as is_response,
+        case when filled.bucket in ('q2', 'q2_fill') then
+            list_transform(generate_series(1, len(filled.is_response)), lambda i:
+                case when i > 1 and filled.is_response[i] and not list_contains(coalesce(dropped.positions, []), i) then 1 else 0 end
+            )::tinyint[]
+        end as loss_mask,
+        filled.n_response_tokens
+    from filled
+    left join dropped using (example_id)
+    where filled.bucket is not null
 )
 
 select * from final order by example_id

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     from curate.recipes import load_recipe
     from curate.score import open_scorer, pair_key, score, score_pair
     from curate.select import select
+    from curate.report import write_report
     from curate.study import examples_table
     from curate.workspace import Workspace
     from train.sft import TrainConfig, run_calibrate
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
     step("pictures and the report of one selection")
     pictures = plot(ws, score_key=keys["score_key"], probe_key=keys["probe_key"])
-    report_path = write_report(ws, "qtuning_offline")
+    report_path = write_report(ws, "qtuning_offline")  # the self-contained HTML report (curate report)
     summary(ws, base_dir, selections, study, pictures, report_path)
     print(f"\ndone in {time.perf_counter() - step.started:,.0f} s; workspace: {ws.root}")
 
@@ -132,16 +133,7 @@ def small_study(ws, base_dir: str, size: dict, keys: dict) -> Path:
     return run_study(ws, spec)
 
 
-def write_report(ws, selection: str) -> Path | None:
-    """The self-contained HTML report of one selection (curate report), when that command is there."""
-    try:
-        from curate.report import write_report as write
-    except ImportError:
-        return None
-    return write(ws, selection)
-
-
-def summary(ws, base_dir: str, selections: dict, study: Path, pictures: list[Path], report_path: Path | None) -> None:
+def summary(ws, base_dir: str, selections: dict, study: Path, pictures: list[Path], report_path: Path) -> None:
     """Per selection its rows and the response tokens the trainer trains on it (token masks included)."""
     import pyarrow.parquet as pq
 
@@ -156,8 +148,7 @@ def summary(ws, base_dir: str, selections: dict, study: Path, pictures: list[Pat
         print(f"| {name} | {report.rows:,} | {', '.join(map(str, stages)) or '-'} | {tokens:,} |")
     print("\n" + (study / "report.md").read_text())
     print("pictures: " + ", ".join(str(p) for p in [*pictures, study / "study.png"]))
-    if report_path is not None:
-        print(f"report of selection qtuning_offline: {report_path}")
+    print(f"report of selection qtuning_offline (open it in a browser): {report_path}")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ def export(workspace: Workspace, name: str, fmt: str, *, out: str | Path | None 
                 "selection": name, "format": fmt, "rows": len(rows), "masked_rows": sum(r.get("loss_mask") is not None for r in rows),
                 "drop_masks": drop_masks, "model": model, "selection_sql_hash": manifest.get("sql_hash"),
                 "selection_key": manifest.get("key")}, indent=2) + "\n")
+            write_atomic_text(staging / "README.md", dataset_card(workspace, name, fmt, manifest, rows, columns, model))
         record.counts = {"rows": len(rows)}
     return target
 
@@ -95,6 +96,66 @@ def _write(folder: Path, target: Path, fmt: str, name: str, rows: list[dict[str,
     else:  # jsonl, and trl without masks: the conversation itself
         lines = [json.dumps({"messages": r["messages"]}, ensure_ascii=False) for r in rows]
         write_atomic_text(folder / "train.jsonl", "\n".join(lines) + "\n")
+
+
+DATA_FILES = {"trl": "train.parquet", "axolotl": "train.parquet", "llamafactory": "train.json", "jsonl": "train.jsonl"}
+READING = {
+    "messages": "a list of {role, content}: the conversation, in the chat formats TRL's SFTTrainer and LLaMA-Factory read",
+    "conversations": "ShareGPT turns {from, value} (LLaMA-Factory, `formatting: sharegpt`)",
+    "input_ids": "the token ids, made with the scoring model's tokenizer and chat template",
+    "labels": "the token ids to train on, -100 where the loss is masked (TRL's and axolotl's collators keep them)",
+    "attention_mask": "1 for every token (axolotl)",
+    "example_id": "the example's content hash in the curate workspace",
+}
+
+
+def dataset_card(workspace: Workspace, name: str, fmt: str, manifest: dict[str, Any], rows: list[dict[str, Any]],
+                 columns: dict[str, list] | None, model: str | None) -> str:
+    """A Hugging Face dataset card (README.md with its YAML header) for an export: where the rows came from,
+    the recipe and its parameters, the scoring model's fingerprint, counts, and how a trainer reads the columns."""
+    import yaml
+
+    from curate.sql import connect
+
+    con = connect(workspace)
+    ids = [r["example_id"] for r in rows]
+    sources = sorted({s for (s,) in con.execute(
+        "select distinct json_extract_string(meta, '$.origin.file') from examples where list_contains(?, example_id)", [ids]).fetchall() if s})
+    keys = [str(v) for v in (manifest.get("parameters") or {}).values()]
+    scorers = []
+    if "token_scores" in workspace.tables():  # the runs its parameters name, else every run that scored its rows
+        scorers = con.execute("select distinct model, model_hash, dtype from token_scores where list_contains(?, score_key) order by 2",
+                              [keys]).fetchall() or con.execute(
+            "select distinct model, model_hash, dtype from token_scores where list_contains(?, example_id) order by 2", [ids]).fetchall()
+    if columns is not None:
+        trained = sum(sum(1 for label in labels if label != -100) for labels in columns["labels"])
+        names = list(columns)
+    else:
+        trained = sum(int(r.get("n_response_tokens") or 0) for r in rows) or None
+        names = {"llamafactory": ["conversations", "system"], "jsonl": ["messages"], "trl": ["messages"]}[fmt]
+    header = {
+        "pretty_name": f"curate selection {name}",
+        "tags": ["curate", "sft", "data-selection"],
+        "task_categories": ["text-generation"],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": DATA_FILES[fmt]}]}],
+        "curate": {
+            "selection": name, "format": fmt, "recipe": manifest.get("recipe"), "recipe_sql_hash": manifest.get("sql_hash"),
+            "selection_key": manifest.get("key"), "parameters": manifest.get("parameters"),
+            "score_models": [{"model": m, "fingerprint": h, "dtype": d} for m, h, d in scorers],
+            "tokenizer": model, "source_files": sources, "rows": len(rows),
+            "masked_rows": sum(r.get("loss_mask") is not None for r in rows), "trained_response_tokens": trained,
+        },
+    }
+    lines = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True).strip(), "---", "",
+             f"# {name}", "",
+             f"A training set chosen by the curate recipe `{manifest.get('recipe')}` (SQL hash `{manifest.get('sql_hash')}`) "
+             f"from {', '.join(sources) or 'the workspace examples'}: {len(rows):,} rows"
+             + (f", {trained:,} response tokens to train on (token masks included)" if trained else "") + ".", "",
+             "## Columns and how a trainer reads them", ""]
+    lines += [f"- `{column}`: {READING.get(column, 'carried from the selection')}" for column in names]
+    lines += ["", "## Parameters", "", "```json", json.dumps(manifest.get("parameters"), indent=2, default=str), "```", "",
+              "## The recipe", "", "```sql", (manifest.get("sql") or "").strip(), "```", ""]
+    return "\n".join(lines)
 
 
 def _tokenizer(model: str | None, manifest: dict[str, Any], name: str) -> Any:

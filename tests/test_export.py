@@ -84,7 +84,7 @@ def test_an_export_replaces_its_folder_whole_and_writes_nothing_when_it_refuses(
     out = tmp_path / "out"
     export(ws, "whole", "jsonl", out=out)
     export(ws, "whole", "llamafactory", out=out)  # the same folder, another format
-    assert sorted(p.name for p in out.iterdir()) == ["dataset_info.json", "export.json", "train.json"]  # no train.jsonl left
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "dataset_info.json", "export.json", "train.json"]  # no train.jsonl left
     before = sorted(p.name for p in out.iterdir())
     with pytest.raises(ValueError, match="has token masks"):
         export(ws, "masked", "jsonl", out=out)

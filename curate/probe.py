@@ -30,9 +30,10 @@ from curate.kernel.keys import run_key
 from curate.kernel.runs import recorded_run
 from curate.prompt_templates import PromptTemplate, pick, templates_for
 from curate.records import example_fields
-from curate.score import Scorer
+from curate.distributed import Output, RaySettings, check_replica_key, merge_counts, on_worker, shard_outputs
+from curate.score import Scorer, ScorerCard, describe_scorer, open_scorer
 from curate.score_tables import table_from_columns
-from curate.stream import done_ids, example_predicate, example_shards, pending_sizes
+from curate.stream import done_ids, example_predicate, pending_examples
 from curate.verify import check_tables
 from curate.workspace import Workspace
 
@@ -86,25 +87,27 @@ class ProbeSpec:
     templates: dict[str, str]  # answer kind -> template version (hash of its text)
 
 
-def probe_spec(scorer: Scorer, templates: dict[str, PromptTemplate]) -> ProbeSpec:
+def probe_spec(scorer: Scorer | ScorerCard, templates: dict[str, PromptTemplate]) -> ProbeSpec:
     return ProbeSpec(scorer.identity.spec(), scorer.engine.name, scorer.engine.max_len, scorer.spec.head_candidates,
                      scorer.options.identity(), {k: t.version for k, t in sorted(templates.items())})
 
 
-def probe_key(scorer: Scorer, templates: dict[str, PromptTemplate]) -> str:
+def probe_key(scorer: Scorer | ScorerCard, templates: dict[str, PromptTemplate]) -> str:
     return run_key(probe_spec(scorer, templates))
 
 
 def probe(
     workspace: Workspace,
-    scorer: Scorer,
+    scorer: Scorer | ScorerCard,
     *,
     template: str = "auto",
     where: str | None = None,
     shard_size: int = 256,
     progress: bool = True,
+    ray: RaySettings | None = None,
 ) -> ProbeReport:
-    """Probe every example with a reference answer (or those the SQL filter ``where`` picks)."""
+    """Probe every example with a reference answer (or those the SQL filter ``where`` picks); with ``ray``,
+    on its replicas (``scorer`` is then the card of what they open: see ``probe_on_ray``)."""
     predicate = example_predicate(workspace, where)
     templates = templates_for(template, purpose="answer_only")
     spec = probe_spec(scorer, templates)
@@ -116,17 +119,17 @@ def probe(
                                            fingerprints={scorer.model: scorer.identity.fingerprint}) as record:
         done = done_ids(workspace, "probe_scores", "probe_key", key)
         started = time.perf_counter()
-        pending_count, _ = pending_sizes(workspace, predicate, done)
-        bar = tqdm(total=pending_count, desc="probe", unit=" ex", disable=not progress, file=sys.stderr)
+        picked = pending_examples(workspace, predicate, set())
+        report.already_done = sum(i in done for i, _ in picked)
+        bar = tqdm(total=len(picked) - report.already_done, desc="probe", unit=" ex", disable=not progress, file=sys.stderr)
+        here = None if ray else ShardProber(scorer, templates, key)  # type: ignore[arg-type]
+        job = ProbeJob(ray.opener, template, key) if ray else None
         columns = ("example_id", "messages", "reference_answer", "meta")
-        for shard in example_shards(workspace, predicate, shard_size, columns):
-            pending = [row for row in shard if row["example_id"] not in done]
-            report.already_done += len(shard) - len(pending)
-            asked = [a for a in (_ask(scorer, templates, row, report) for row in pending) if a is not None]
-            if asked:
-                workspace.write_part("probe_scores", _probe_table(scorer, key, asked), schema=schema.PROBE_SCORES)
-                report.probed += len(asked)
-            bar.update(len(pending))
+        for outputs, counts in shard_outputs(workspace, predicate, shard_size, columns, skip=done, work=here, job=job, ray=ray):
+            for table, rows in outputs:
+                workspace.write_part(table, rows, schema=schema.PROBE_SCORES)
+            merge_counts(report, counts)
+            bar.update(counts["examples"])
         bar.close()
         report.seconds = time.perf_counter() - started
         _summarise(workspace, report)
@@ -134,6 +137,45 @@ def probe(
         workspace.write_manifest("probe", {"key": key, **parameters, "report": vars(report)})
     check_tables(workspace, ["probe_scores"])
     return report
+
+
+def probe_on_ray(workspace: Workspace, settings: RaySettings, *, template: str = "auto", where: str | None = None,
+                 shard_size: int = 256, progress: bool = True) -> ProbeReport:
+    """``probe`` on a Ray cluster's replicas, each opening ``settings.opener`` (open_scorer's keywords)."""
+    example_predicate(workspace, where)
+    templates_for(template, purpose="answer_only")  # a bad template fails before any engine starts
+    card = on_worker(settings.address, describe_scorer, settings.opener)
+    return probe(workspace, card, template=template, where=where, shard_size=shard_size, progress=progress, ray=settings)
+
+
+@dataclass
+class ShardProber:
+    """A shard of example rows -> its probe rows: the same function here and on every Ray replica."""
+
+    scorer: Scorer
+    templates: dict[str, PromptTemplate]
+    key: str
+
+    def __call__(self, shard: list[dict[str, Any]]) -> Output:
+        report = ProbeReport(self.key)
+        asked = [a for a in (_ask(self.scorer, self.templates, row, report) for row in shard) if a is not None]
+        outputs = [("probe_scores", _probe_table(self.scorer, self.key, asked))] if asked else []
+        return outputs, {"probed": len(asked), "skipped": report.skipped, "examples": len(shard)}
+
+
+@dataclass(frozen=True)
+class ProbeJob:
+    """What a Ray replica needs to probe (picklable): it opens its own engine and checks the run key."""
+
+    opener: dict[str, Any]
+    template: str
+    key: str
+
+    def open(self) -> ShardProber:
+        scorer = open_scorer(**self.opener)
+        templates = templates_for(self.template, purpose="answer_only")
+        check_replica_key(probe_key(scorer, templates), self.key)
+        return ShardProber(scorer, templates, self.key)
 
 
 @dataclass

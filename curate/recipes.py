@@ -7,6 +7,7 @@
     --   base_key (score_run): the base model's scoring run (required: no default)
     --   trim (float) = 0.1: share dropped at each end by ΔNLL
     -- audits: duplicate_example_id, unknown_example_id, mask_length_differs   (optional: default all)
+    -- needs: entropy   (optional: signals its scoring runs must have; a run scored through a server has none)
     -- output: example_id, ...
 
 Parameters are bound by DuckDB (``$trim`` in the SQL), never by string formatting, with the type the header
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "sql" / "recipes"
-_FIELD = re.compile(r"^--\s*(name|description|grain|output|parameters|audits):\s*(.*)$")
+_FIELD = re.compile(r"^--\s*(name|description|grain|output|parameters|audits|needs):\s*(.*)$")
 _PARAMETER = re.compile(r"^--\s+([a-z_][a-z0-9_]*)\s*(?:\(([a-z_]+)\))?\s*(?:=\s*([^:]+?))?\s*:\s*(.*)$")
 RUN_TYPES = ("score_run", "pair_run", "probe_run", "generate_run")
 TYPES = ("text", "int", "float", "bool", *RUN_TYPES)
@@ -74,6 +75,7 @@ class Recipe:
     parameters: dict[str, Parameter] = field(default_factory=dict)
     sql: str = ""
     audits: tuple[str, ...] | None = None  # the audits its header declares (None: all of them)
+    needs: tuple[str, ...] = ()  # signals its scoring runs must have beyond log-probs: entropy (and kl via pair runs)
 
     @property
     def sql_hash(self) -> str:
@@ -145,8 +147,9 @@ def load_recipe(spec: str | Path) -> Recipe:
             last = list(header)[-1]
             header[last] += " " + line.lstrip("- ").strip()
     audits = tuple(a.strip() for a in header["audits"].split(",") if a.strip()) if "audits" in header else None
+    needs = tuple(a.strip() for a in header.get("needs", "").split(",") if a.strip())
     return Recipe(path, header.get("name", path.stem), header.get("description", ""), header.get("grain", ""),
-                  header.get("output", ""), parameters, text, audits)
+                  header.get("output", ""), parameters, text, audits, needs)
 
 
 def key_continues(line: str) -> bool:

@@ -46,6 +46,7 @@ TOKEN_SCORES = pa.schema(
         ("dtype", pa.string()),
         ("engine", pa.string()),
         ("engine_version", pa.string()),
+        ("signals", pa.string()),  # exact (full-vocabulary entropy) or logprob-only (a served model's prompt log-probs)
         ("template_hash", pa.string()),  # chat template the token spans were made with
         ("top_k", pa.int32()),
         ("n_tokens", pa.int32()),
@@ -151,6 +152,19 @@ TRACES = pa.schema(
     ]
 )
 
+# One row per failed generation request (after its retries): its error, for the user; not a trace, so the next
+# run sends the request again.
+TRACE_ERRORS = pa.schema(
+    [
+        ("trace_id", pa.string()),
+        ("example_id", pa.string()),
+        ("gen_key", pa.string()),
+        ("error", pa.string()),
+        ("attempts", pa.int32()),
+        ("at", pa.float64()),  # unix time
+    ]
+)
+
 # One row per (example, gen_key, rule): the trace to train on, chosen by best-of-n (curate.best_of_n).
 BEST_TRACES = pa.schema(
     [
@@ -177,5 +191,6 @@ TABLES: dict[str, pa.Schema] = {
     "sample_scores": SAMPLE_SCORES,
     "probe_scores": PROBE_SCORES,
     "traces": TRACES,
+    "trace_errors": TRACE_ERRORS,
     "best_traces": BEST_TRACES,
 }

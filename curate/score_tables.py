@@ -27,12 +27,13 @@ def list_column(per_row: Sequence[np.ndarray], value_type: pa.DataType) -> pa.Ar
 
 
 def scored_column(per_row: Sequence[np.ndarray], value_type: pa.DataType) -> pa.Array:
-    """list<value_type> of n values from n-1 scores per row: element 0 (the first token) is null."""
+    """list<value_type> of n values from n-1 scores per row: element 0 (the first token) is null, and so is a
+    NaN (a signal the run does not have, such as entropy from a server's top-k)."""
     if not per_row:
         return pa.array([], type=pa.list_(value_type))
     lengths = [len(a) + 1 for a in per_row]
-    values = np.concatenate([np.concatenate([[0], a]) for a in per_row])
-    mask = np.zeros(len(values), dtype=bool)
+    values = np.concatenate([np.concatenate([[0], a]) for a in per_row]).astype(np.float64)
+    mask = np.isnan(values)
     mask[_row_starts(lengths)] = True
     return pa.ListArray.from_arrays(_offsets(lengths), pa.array(values, type=value_type, mask=mask))
 

@@ -95,7 +95,24 @@ def bind(workspace: Workspace, recipe: Recipe, params: dict[str, str]) -> dict[s
     """The recipe's parameters, typed, with run references turned into keys (checked before anything runs)."""
     from curate.run_refs import resolve
 
-    return recipe.bind(params, lambda kind, name, value: resolve(workspace, kind, value, parameter=name))
+    bound = recipe.bind(params, lambda kind, name, value: resolve(workspace, kind, value, parameter=name))
+    if "entropy" in recipe.needs and "token_scores" in workspace.tables():
+        _require_exact(workspace, recipe, {n: bound[n] for n, p in recipe.parameters.items() if p.kind == "score_run" and n in bound})
+    return bound
+
+
+def _require_exact(workspace: Workspace, recipe: Recipe, keys: dict[str, Any]) -> None:
+    """Refuse a scoring run without full-vocabulary entropy (scored through a server's prompt log-probs)."""
+    from curate.sql import connect
+
+    con = connect(workspace)
+    for name, key in keys.items():
+        found = {s for (s,) in con.execute("select distinct signals from token_scores where score_key = ?", [key]).fetchall()}
+        if "logprob-only" in found:
+            raise ValueError(
+                f"{recipe.path.name} needs full-vocabulary entropy{' and KL' if 'kl' in recipe.needs else ''}, and {name} = {key} was "
+                "scored through a server's prompt log-probs (a top-k: no entropy). Score the model in-process, `curate score "
+                "--model M` (vLLM's pooling runner and our head compute it exactly), and pass that run")
 
 
 def run_recipe(workspace: Workspace, recipe: Recipe, params: dict[str, str]) -> pa.Table:

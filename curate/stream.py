@@ -65,12 +65,17 @@ def examples_query(predicate: str | None, columns: Sequence[str]) -> str:
     return f"select {', '.join(columns)} from examples" + (f" where {predicate}" if predicate else "") + " order by example_id"
 
 
-def pending_sizes(workspace: Workspace, predicate: str | None, done: set[str]) -> tuple[int, int]:
-    """(examples, characters of their messages) that are picked and not done yet: a progress bar's totals."""
+def pending_examples(workspace: Workspace, predicate: str | None, done: set[str]) -> list[tuple[str, int]]:
+    """(example id, characters of its messages) for every picked example not done yet, in id order."""
     from curate.sql import connect
 
     rows = connect(workspace).execute(examples_query(predicate, ["example_id", MESSAGE_CHARS])).fetchall()
-    pending = [(i, chars or 0) for i, chars in rows if i not in done]
+    return [(i, chars or 0) for i, chars in rows if i not in done]
+
+
+def pending_sizes(workspace: Workspace, predicate: str | None, done: set[str]) -> tuple[int, int]:
+    """(examples, characters of their messages) that are picked and not done yet: a progress bar's totals."""
+    pending = pending_examples(workspace, predicate, done)
     return len(pending), sum(chars for _, chars in pending)
 
 
@@ -78,12 +83,24 @@ def example_shards(
     workspace: Workspace, predicate: str | None, shard_size: int, columns: Sequence[str] = ("example_id", "messages")
 ) -> Iterator[list[dict[str, Any]]]:
     """Examples in id order, ``shard_size`` at a time, streamed from DuckDB."""
+    for batch in example_batches(workspace, predicate, shard_size, columns):
+        yield batch.to_pylist()
+
+
+def example_batches(workspace: Workspace, predicate: str | None, shard_size: int, columns: Sequence[str] = ("example_id", "messages"),
+                    *, skip: set[str] | frozenset[str] = frozenset()) -> Iterator[Any]:
+    """``example_shards`` as Arrow record batches, less the ids in ``skip`` (the batches keep their size)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     from curate.sql import connect
 
     reader = connect(workspace).sql(examples_query(predicate, columns)).to_arrow_reader(shard_size)
     for batch in reader:
+        if skip:
+            batch = batch.filter(pc.invert(pc.is_in(batch.column("example_id"), value_set=pa.array(sorted(skip), pa.string()))))
         if batch.num_rows:
-            yield batch.to_pylist()
+            yield batch
 
 
 class TokenProgress:

@@ -67,13 +67,13 @@ def test_real_generation_is_well_formed_and_resumes(fresh: Workspace, teacher, r
 
     monkeypatch.setattr(Workspace, "write_part", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        generate(fresh, teacher, source=SUBSET, sampling=sampling, batch_size=3, progress=False)
+        generate(fresh, teacher, source=SUBSET, sampling=sampling, batch_size=4, progress=False)
     monkeypatch.setattr(Workspace, "write_part", real_write)
     problems = connect(fresh).execute(f"select count(*) from examples where {SUBSET}").fetchall()[0][0]
     requests = 2 * problems
-    resumed = generate(fresh, teacher, source=SUBSET, sampling=sampling, batch_size=3, progress=False)
-    assert resumed.already_done == 3 and resumed.requests_sent == requests - 3
-    again = generate(fresh, teacher, source=SUBSET, sampling=sampling, batch_size=3, progress=False)
+    resumed = generate(fresh, teacher, source=SUBSET, sampling=sampling, batch_size=4, progress=False)
+    assert resumed.already_done == 4 and resumed.requests_sent == requests - 4  # one part: 2 examples x 2 samples
+    again = generate(fresh, teacher, source=SUBSET, sampling=sampling, batch_size=4, progress=False)
     assert again.requests_sent == 0 and again.already_done == requests
 
     con = connect(fresh)

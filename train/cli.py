@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from curate.kernel.machine import PRECISIONS
+from curate.kernel.vllm_factory import add_engine_arguments, engine_options
 from train.objectives import EKSFT_COMBINE, EKSFT_NORMALISE, QTUNING_ENTROPY, QTUNING_NORMALISE, QTUNING_SEARCH
 from train.sft import METHODS, PRESETS, SCHEDULERS, TrainConfig, configure
 
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=256)
     evaluate.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto", help="generation engine (auto: vLLM if installed)")
     evaluate.add_argument("--out", type=Path, help="write the metrics JSON here")
+    add_engine_arguments(evaluate)
     return parser
 
 
@@ -152,7 +154,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 def _run_eval(args: argparse.Namespace) -> int:
     from train.evaluate import evaluate
 
-    metrics = evaluate(args.model, args.data, split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, engine=args.engine)
+    metrics = evaluate(args.model, args.data, split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, engine=args.engine,
+                       options=engine_options(args))
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.out:

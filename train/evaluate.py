@@ -18,7 +18,7 @@ import torch
 from curate.kernel.answers import grade
 from curate.kernel.chat_tokens import encode_text, prompt_turns, render, tokenize_chat
 from curate.kernel.machine import device
-from curate.kernel.vllm_factory import close_llm, open_llm
+from curate.kernel.vllm_factory import EngineOptions, close_llm, open_llm
 from train.data import read_table
 from train.objectives import token_stats
 from train.sft import load_checkpoint, load_tokenizer
@@ -44,11 +44,12 @@ def answer_nll(model: Any, tokenizer: Any, conversations: list[list[dict[str, st
     return means
 
 
-def generate_greedy(model_dir: str, model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *, max_new_tokens: int, engine: str) -> tuple[list[str], str]:
+def generate_greedy(model_dir: str, model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], *, max_new_tokens: int, engine: str,
+                    options: EngineOptions | None = None) -> tuple[list[str], str]:
     texts = [render(tokenizer, p, generation_prompt=True) for p in prompts]
     use_vllm = engine == "vllm" or (engine == "auto" and _has_vllm())
     if use_vllm:
-        return _generate_vllm(model_dir, model, tokenizer, texts, max_new_tokens), "vllm"
+        return _generate_vllm(model_dir, model, tokenizer, texts, max_new_tokens, options or EngineOptions()), "vllm"
     return _generate_transformers(model, tokenizer, texts, max_new_tokens), "transformers"
 
 
@@ -58,7 +59,7 @@ def _has_vllm() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def _generate_vllm(model_dir: str, model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int) -> list[str]:
+def _generate_vllm(model_dir: str, model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int, options: EngineOptions) -> list[str]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -68,7 +69,7 @@ def _generate_vllm(model_dir: str, model: Any, tokenizer: Any, texts: list[str],
             model.save_pretrained(merged)
             tokenizer.save_pretrained(merged)
             path = merged
-        llm = open_llm(path, dtype="float32", max_len=2048)
+        llm = open_llm(path, dtype="float32", max_len=options.max_model_len or 2048, options=options)
         prompts = [TokensPrompt(prompt_token_ids=encode_text(tokenizer, t)) for t in texts]
         outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
         close_llm(llm)
@@ -87,7 +88,7 @@ def _generate_transformers(model: Any, tokenizer: Any, texts: list[str], max_new
 
 
 def evaluate(model: str, data: str, *, split: str | None = None, limit: int | None = None, max_new_tokens: int = 256,
-             engine: str = "auto", max_len: int = 2048, accuracy: bool = True) -> dict[str, Any]:
+             engine: str = "auto", max_len: int = 2048, accuracy: bool = True, options: EngineOptions | None = None) -> dict[str, Any]:
     """Mean answer NLL always; exact-match accuracy of greedy generations when ``accuracy`` (the costly part)."""
     started = time.perf_counter()
     table = read_table(data, split=split, limit=limit)
@@ -99,7 +100,8 @@ def evaluate(model: str, data: str, *, split: str | None = None, limit: int | No
                                "mean_answer_nll": sum(nll) / len(nll) if nll else None}
     checked = [(prompt_turns(c), r) for c, r in zip(conversations, references) if r is not None] if accuracy else []
     if checked:
-        completions, used = generate_greedy(model, loaded, tokenizer, [p for p, _ in checked], max_new_tokens=max_new_tokens, engine=engine)
+        completions, used = generate_greedy(model, loaded, tokenizer, [p for p, _ in checked], max_new_tokens=max_new_tokens, engine=engine,
+                                            options=options)
         graded = [grade(text, reference) for text, (_, reference) in zip(completions, checked)]
         correct = [bool(ok) for _, ok in graded]
         metrics |= {"accuracy": sum(correct) / len(correct), "with_reference": len(checked), "correct": sum(correct),

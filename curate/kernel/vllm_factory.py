@@ -9,6 +9,7 @@ knows it opens two (``curate score --pair``) says ``together=2``; any other engi
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -45,6 +46,25 @@ class EngineOptions:
         """The options that can change results (for run keys): the parallel layout and the raw engine
         arguments. Memory share and batch width decide speed only."""
         return {"tensor_parallel_size": self.tensor_parallel_size, "engine_args": dict(self.engine_args)}
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The EngineOptions flags, the same on every command that opens an in-process vLLM engine."""
+    group = parser.add_argument_group("vLLM engine options (in-process engines)")
+    group.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs one engine spans (default 1)")
+    group.add_argument("--gpu-memory-utilization", type=float,
+                       help="share of the GPU an engine claims (default: 0.85, split between engines open together)")
+    group.add_argument("--max-num-seqs", type=int, help="sequences an engine batches at once (vLLM's default if not given)")
+    group.add_argument("--max-model-len", type=int, help="the engine's context limit (the same as --max-len where a command has it)")
+    group.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other vLLM engine argument, passed as is (values read as JSON when they parse: numbers, true)")
+
+
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    """The EngineOptions of parsed ``add_engine_arguments`` flags."""
+    return EngineOptions(tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
+                         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                         engine_args=parse_engine_args(args.engine_arg))
 
 
 def parse_engine_args(pairs: list[str]) -> tuple[tuple[str, Any], ...]:

@@ -16,6 +16,7 @@
 --   keep_end_of_turn (bool) = false: never mask the end-of-turn token
 --   split (text) = pool: which split to draw from
 -- audits: duplicate_example_id, unknown_example_id, mask_length_differs, mask_with_replaced_answer
+-- needs: entropy, kl
 -- output: example_id, token_ids, is_response, loss_mask, n_response_tokens, bucket
 
 with scored as (

@@ -24,6 +24,7 @@
 --   search (text) = last: last (the reference) or best-under
 --   split (text) = pool: which split to draw from
 -- audits: duplicate_example_id, unknown_example_id, mask_length_differs, mask_with_replaced_answer
+-- needs: entropy
 -- output: example_id, bucket, alpha, ppl, mean_entropy, token_ids, is_response, loss_mask, n_response_tokens
 
 with recursive scored as (

@@ -1,0 +1,128 @@
+"""``curate score|probe|generate --ray``: Ray Data replicas on a local Ray cluster on this CPU, each with a
+real vLLM engine (a tiny random model, fp32), against the single-process run of the same command.
+
+The faults are real: the driver is killed with SIGKILL once some parts are written, and a replica's process
+is killed with SIGKILL mid-run (Ray restarts the actor and runs its shard again)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from test_crash import _command, _env, base, copy_of, run, same_workspaces  # noqa: F401  (base: a fixture)
+from curate.workspace import Workspace
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("ray.data")
+SUBSET = "example_id < '40'"  # ~330 GSM8K chats: ~40 parts of 8, seconds of work per replica on the tiny model
+TABLES = ["token_scores", "sample_scores"]
+
+
+RAY = ("--ray", "--replicas", "2")
+
+
+def score_args(ws: Workspace, model: Path, *extra: str) -> list[str]:
+    return ["score", "-w", str(ws.root), "--model", str(model), "--engine", "vllm", "--dtype", "float32", "--where", SUBSET,
+            "--shard-size", "8", "--quiet", *extra]
+
+
+def probe_args(ws: Workspace, model: Path, *extra: str) -> list[str]:
+    return ["probe", "-w", str(ws.root), "--model", str(model), "--dtype", "float32", "--where", "example_id < '10'",
+            "--shard-size", "16", "--quiet", *extra]
+
+
+def generate_args(ws: Workspace, model: Path, *extra: str) -> list[str]:
+    """Sampled (temperature 0.7, two per example): each request's own seed makes the replicas' traces the same."""
+    return ["generate", "-w", str(ws.root), "--teacher", str(model), "--dtype", "float32", "--from", "example_id < '06'",
+            "--n", "2", "--temperature", "0.7", "--max-tokens", "16", "--batch-size", "8", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def straight(base: Workspace, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    """The single-process runs every Ray run must equal."""
+    ws = Workspace(tmp_path_factory.mktemp("straight") / "ws")
+    copy_of(base)(ws)
+    for args in (score_args, probe_args, generate_args):
+        run("curate", args(ws, tiny_model_dir))
+    return ws
+
+
+def _start(ws: Workspace, model: Path) -> subprocess.Popen:
+    return subprocess.Popen(_command("curate", score_args(ws, model, *RAY)), env=_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_parts(ws: Workspace, process: subprocess.Popen, count: int, timeout: float = 600.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        written = len(ws.parts("token_scores"))
+        if written >= count:
+            return written
+        assert process.poll() is None, f"the run ended before writing {count} parts: {process.stderr.read()[-3000:]}"
+        time.sleep(0.02)
+    raise AssertionError(f"no {count} parts after {timeout:.0f} s")
+
+
+def _replica_pids() -> list[int]:
+    listed = subprocess.run(["pgrep", "-f", "MapBatches\\(_Replica\\)"], capture_output=True, text=True)
+    return [int(p) for p in listed.stdout.split()]
+
+
+def _stop_cluster(process: subprocess.Popen) -> None:
+    """What a SIGKILLed driver leaves of its local cluster (its session's processes) goes too."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_two_replicas_write_the_rows_of_one_process(straight: Workspace, base: Workspace, tiny_model_dir: Path,
+                                                    tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ray")
+    copy_of(base)(ws)
+    for args in (score_args, probe_args, generate_args):
+        run("curate", args(ws, tiny_model_dir, *RAY))
+    same_workspaces(ws, straight, [*TABLES, "probe_scores", "traces", "best_traces"])
+
+
+def test_a_killed_driver_is_finished_by_a_rerun(straight: Workspace, base: Workspace, tiny_model_dir: Path, tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ray")
+    copy_of(base)(ws)
+    process = _start(ws, tiny_model_dir)
+    try:
+        _wait_for_parts(ws, process, 2)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        _stop_cluster(process)
+    killed_with = len(ws.parts("token_scores"))
+    assert killed_with < len(straight.parts("token_scores")), "the run finished before the kill: the test proves nothing"
+    run("curate", score_args(ws, tiny_model_dir, *RAY))
+    print(f"driver killed with {killed_with} of {len(straight.parts('token_scores'))} parts written")
+    same_workspaces(ws, straight, TABLES)
+
+
+def test_a_dead_replica_is_replaced_and_its_shard_redone(straight: Workspace, base: Workspace, tiny_model_dir: Path,
+                                                         tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ray")
+    copy_of(base)(ws)
+    process = _start(ws, tiny_model_dir)
+    try:
+        _wait_for_parts(ws, process, 1)
+        victims = _replica_pids()
+        assert victims, "no replica process found to kill"
+        os.kill(victims[0], signal.SIGKILL)
+        killed_with = len(ws.parts("token_scores"))
+        _, errors = process.communicate(timeout=600)
+        assert process.returncode == 0, errors[-3000:]
+    finally:
+        _stop_cluster(process)
+    assert killed_with < len(straight.parts("token_scores")), "the run finished before the kill: the test proves nothing"
+    print(f"replica {victims[0]} killed with {killed_with} of {len(straight.parts('token_scores'))} parts written")
+    same_workspaces(ws, straight, TABLES)

@@ -1,0 +1,229 @@
+"""A real `vllm serve` of the bundled SmolLM2 on 127.0.0.1: greedy traces through it equal the in-process
+teacher's; its prompt log-probs equal the in-process exact path's; through a fault-injecting proxy every
+request lands exactly once and the retries are counted; a killed run resumes with nothing lost or doubled;
+the API key is written nowhere."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import random
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from curate.sql import connect
+from curate.workspace import Workspace
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+SUBSET = "example_id < '01'"  # 8 GSM8K problems
+SECRET = "sk-curate-test-0f3c9a7d2b1e4f60"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir: Path):
+    """A real vLLM server of the bundled SmolLM2 (float32, as the in-process reference runs)."""
+    pytest.importorskip("vllm")
+    from curate.served import local_server
+
+    with local_server(smollm2_dir, name="smollm2") as url:
+        yield url
+
+
+class FaultyProxy:
+    """Forwards to the server, but answers some requests badly: 429 with Retry-After, 500, a dropped connection,
+    a reply slower than the client's timeout (then the real answer is lost to it)."""
+
+    FAULTS = ("429", "500", "reset", "slow")
+
+    def __init__(self, target: str, *, every: int = 3, delay: float = 0.0) -> None:
+        import httpx
+
+        self.target, self.every, self.delay = target, every, delay
+        self.count, self.faults, self.keys = 0, [], set()
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._forward(None)
+
+            def do_POST(self) -> None:
+                self._forward(self.rfile.read(int(self.headers["Content-Length"])))
+
+            def _forward(self, body: bytes | None) -> None:
+                with proxy.lock:
+                    proxy.count += 1
+                    number = proxy.count
+                    proxy.keys.add(self.headers.get("Authorization"))
+                fault = proxy.FAULTS[(number // proxy.every) % 4] if body is not None and number % proxy.every == 0 else None
+                if fault:
+                    proxy.faults.append(fault)
+                if fault == "reset":
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if fault in ("429", "500"):
+                    self.send_response(int(fault))
+                    if fault == "429":
+                        self.send_header("Retry-After", "1")
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "injected"}')
+                    return
+                time.sleep(5.0 if fault == "slow" else proxy.delay)
+                method = httpx.post if body is not None else httpx.get
+                response = method(proxy.target + self.path, **({"content": body} if body is not None else {}),
+                                  headers={"Content-Type": "application/json"}, timeout=600)
+                try:
+                    self.send_response(response.status_code)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(response.content)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (the slow case)
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", free_port()), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def _cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "curate.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})})
+
+
+def test_greedy_traces_through_the_endpoint_equal_the_in_process_ones(server: str, fresh: Workspace, teacher) -> None:
+    from curate.generate import Sampling, generate, open_served_teacher
+    from curate.served import Endpoint
+
+    served = open_served_teacher(Endpoint(server, "smollm2"))
+    assert served.identity.info["root"] and served.max_len == 2048
+    by_endpoint = generate(fresh, served, source=SUBSET, sampling=Sampling(max_tokens=32), progress=False)
+    in_process = generate(fresh, teacher, source=SUBSET, sampling=Sampling(max_tokens=32), progress=False)
+    assert by_endpoint.key != in_process.key  # different teachers, different runs
+    rows = connect(fresh).sql("select gen_key, example_id, text, n_completion_tokens from traces").pl().to_dicts()
+    texts = {(r["gen_key"], r["example_id"]): r["text"] for r in rows}
+    examples = {r["example_id"] for r in rows}
+    assert len(examples) >= 6
+    for example in examples:  # both float32, greedy: the same continuation
+        assert texts[(by_endpoint.key, example)] == texts[(in_process.key, example)], example
+    assert by_endpoint.usage_completion_tokens == sum(r["n_completion_tokens"] for r in rows if r["gen_key"] == by_endpoint.key)
+
+
+def test_scoring_through_the_endpoint_gives_the_exact_log_probs(server: str, fresh: Workspace, vllm_scorer) -> None:
+    from curate.recipes import load_recipe
+    from curate.score import open_served_scorer, score
+    from curate.select import select
+    from curate.served import Endpoint
+
+    served = open_served_scorer(Endpoint(server, "smollm2"), top_k=5)
+    score(fresh, served, where=SUBSET, progress=False)
+    score(fresh, vllm_scorer, where=SUBSET, progress=False)
+    con = connect(fresh)
+    rows = {(r["score_key"], r["example_id"]): r for r in con.sql("select * from token_scores").pl().to_dicts()}
+    compared = 0
+    for (key, example), row in rows.items():
+        if key != served.key:
+            continue
+        exact = rows[(vllm_scorer.key, example)]
+        assert row["token_ids"] == exact["token_ids"] and row["signals"] == "logprob-only" and exact["signals"] == "exact"
+        a, b = np.array(row["logprob"][1:], dtype=float), np.array(exact["logprob"][1:], dtype=float)
+        assert np.max(np.abs(a - b)) < 2e-3, example  # both float32: the server's log-softmax and our head agree
+        assert all(v is None for v in row["entropy"])  # no entropy from a top-k
+        assert [ids[0] for ids in row["top_ids"][1:]] == [ids[0] for ids in exact["top_ids"][1:]]
+        compared += 1
+    assert compared >= 6
+    with pytest.raises(ValueError, match="needs full-vocabulary entropy.*curate score --model M"):
+        select(fresh, load_recipe("qtuning_offline"), name="q", params={"score_key": served.key})
+    assert select(fresh, load_recipe("ppl_band"), name="p", params={"score_key": served.key, "split": "heldout"}).rows > 0  # NLL only: fine
+
+
+def test_a_pooling_server_gives_the_exact_signals_of_an_in_process_run(smollm2_dir: Path, fresh: Workspace, vllm_scorer) -> None:
+    """Hidden states over HTTP (/pooling, token_embed, float32 in base64) through our head: the in-process numbers."""
+    from curate.recipes import load_recipe
+    from curate.score import open_served_scorer, score
+    from curate.select import bind
+    from curate.served import Endpoint
+
+    from curate.served import POOLING_ARGS, local_server
+
+    with local_server(smollm2_dir, *POOLING_ARGS, name="smollm2") as url:
+        served = open_served_scorer(Endpoint(url, "smollm2"), signals="exact", top_k=5)
+        score(fresh, served, where=SUBSET, progress=False)
+    score(fresh, vllm_scorer, where=SUBSET, progress=False)
+    con = connect(fresh)
+    rows = {(r["score_key"], r["example_id"]): r for r in con.sql("select * from token_scores").pl().to_dicts()}
+    compared = 0
+    for (key, example), row in rows.items():
+        if key != served.key:
+            continue
+        exact = rows[(vllm_scorer.key, example)]
+        assert row["token_ids"] == exact["token_ids"] and row["signals"] == exact["signals"] == "exact"
+        for column in ("logprob", "entropy"):
+            a, b = np.array(row[column][1:], dtype=float), np.array(exact[column][1:], dtype=float)
+            assert np.max(np.abs(a - b)) < 1e-4, (example, column)  # the same float32 hidden states, the same head
+        assert row["top_ids"][1:] == exact["top_ids"][1:]
+        compared += 1
+    assert compared >= 6
+    assert bind(fresh, load_recipe("qtuning_offline"), {"score_key": served.key})["score_key"] == served.key  # entropy: accepted
+
+
+def test_faults_are_retried_every_request_lands_once_and_the_key_is_written_nowhere(server: str, fresh: Workspace, tmp_path: Path) -> None:
+    proxy = FaultyProxy(server, every=3)
+    try:
+        done = _cli(["generate", "-w", str(fresh.root), "--endpoint", proxy.url, "--served-model", "smollm2", "--api-key-env",
+                     "CURATE_TEST_KEY", "--from", SUBSET, "--n", "2", "--temperature", "0.7", "--max-tokens", "16", "--timeout", "3",
+                     "--concurrency", "4", "--batch-size", "6", "--quiet"], env={"CURATE_TEST_KEY": SECRET})
+    finally:
+        proxy.close()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {"429", "500", "reset", "slow"} <= set(proxy.faults) and proxy.keys == {f"Bearer {SECRET}"}
+    count = connect(fresh).execute(f"select count(*) from examples where {SUBSET}").fetchall()[0][0]
+    traces = connect(fresh).execute("select trace_id from traces").fetchall()
+    assert len(traces) == 2 * count == len(set(traces))  # every request exactly once
+    retries = int(done.stdout.split("retries")[1].split()[0])
+    assert retries >= len(proxy.faults) - 1  # every fault was retried (the slow one may also have answered late)
+    leaked = [str(p) for p in fresh.root.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaked and SECRET not in done.stdout + done.stderr
+
+
+def test_a_killed_run_resumes_with_nothing_lost_or_doubled(server: str, fresh: Workspace) -> None:
+    proxy = FaultyProxy(server, every=1_000_000, delay=0.3)  # slow enough to be killed in the middle
+    args = ["generate", "-w", str(fresh.root), "--endpoint", proxy.url, "--served-model", "smollm2", "--from", SUBSET, "--n", "3",
+            "--temperature", "0.7", "--max-tokens", "12", "--concurrency", "2", "--batch-size", "4", "--quiet"]
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "curate.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(random.uniform(12, 20))  # past start-up, into the requests
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        partial = connect(fresh).execute("select count(*) from traces").fetchall()[0][0] if fresh.has_table("traces") else 0
+        done = _cli(args)
+    finally:
+        proxy.close()
+    assert done.returncode == 0, done.stderr[-2000:]
+    count = connect(fresh).execute(f"select count(*) from examples where {SUBSET}").fetchall()[0][0]
+    traces = connect(fresh).execute("select trace_id from traces").fetchall()
+    assert len(traces) == 3 * count == len(set(traces)) and partial < 3 * count

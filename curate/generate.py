@@ -2,8 +2,9 @@
 reference answers.
 
 Every request (example, teacher fingerprint, template version, sampling parameters, sample index) has a
-hash, ``trace_id``; requests go to vLLM in batches, each batch lands as one atomic Parquet part, and a re-run
-sends only the requests whose ``trace_id`` is not in ``traces`` yet. With temperature > 0 each request
+hash, ``trace_id``; requests go to the teacher a shard of examples at a time (in-process vLLM, a served
+endpoint, or Ray replicas: ``ShardGenerator`` either way), each shard lands as one atomic Parquet part, and
+a re-run sends only the requests whose ``trace_id`` is not in ``traces`` yet. With temperature > 0 each request
 carries its own seed derived from its ``trace_id``, so a resumed run samples what the uninterrupted one would.
 """
 

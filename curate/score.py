@@ -7,6 +7,10 @@ what is done is tracked per (key, variant, example), so a killed run, re-run, pr
 uninterrupted run does, ``--ifd`` after a plain run adds only the response-only pass, and a re-run with the
 same inputs does nothing. A different model or parameter gets a different key and lands beside the old rows.
 ``sample_scores`` is rebuilt from ``token_scores`` by SQL at the end of every run.
+
+The model runs in this process (``open_scorer``: vLLM's pooling runner or transformers, and our head),
+behind vLLM's server (``open_served_scorer``: exact through a pooling server, or prompt log-probs only), or
+on Ray replicas (``score_on_ray``); a shard becomes rows through ``ShardScorer`` whichever it is.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate import schema
+from curate.distributed import RaySettings, check_replica_key, merge_counts, on_worker, shard_outputs
 from curate.engines import DEFAULT_DTYPE, Engine, ModelIdentity, identify, open_engine, torch_dtype
 from curate.head import CANDIDATES, OutputHead, load_head, pair_signals, token_signals
 from curate.kernel.chat_tokens import PROMPT_FORMATS, ChatTokens, TemplateError, template_hash, tokenize, tokenize_chat
@@ -28,7 +33,6 @@ from curate.kernel.machine import device as machine_device
 from curate.kernel.runs import recorded_run
 from curate.kernel.vllm_factory import EngineOptions
 from curate.score_tables import list_column, rebuild_sample_scores, scored_column, table_from_columns, top_column
-from curate.distributed import RaySettings, check_replica_key, merge_counts, on_worker, shard_outputs
 from curate.stream import TokenProgress, done_ids, example_predicate, pending_examples
 from curate.workspace import Workspace
 

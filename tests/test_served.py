@@ -115,6 +115,14 @@ def _cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProces
                           env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})})
 
 
+def same_examples(ws: Workspace, served_key: str, exact_key: str) -> list[tuple[str, dict, dict]]:
+    """(example, the served run's token_scores row, the in-process run's) for every example both scored."""
+    rows = {(r["score_key"], r["example_id"]): r for r in connect(ws).sql("select * from token_scores").pl().to_dicts()}
+    pairs = [(example, row, rows[(exact_key, example)]) for (key, example), row in rows.items() if key == served_key]
+    assert len(pairs) >= 6
+    return pairs
+
+
 def test_greedy_traces_through_the_endpoint_equal_the_in_process_ones(server: str, fresh: Workspace, teacher) -> None:
     from curate.generate import Sampling, generate, open_served_teacher
     from curate.served import Endpoint
@@ -142,20 +150,12 @@ def test_scoring_through_the_endpoint_gives_the_exact_log_probs(server: str, fre
     served = open_served_scorer(Endpoint(server, "smollm2"), top_k=5)
     score(fresh, served, where=SUBSET, progress=False)
     score(fresh, vllm_scorer, where=SUBSET, progress=False)
-    con = connect(fresh)
-    rows = {(r["score_key"], r["example_id"]): r for r in con.sql("select * from token_scores").pl().to_dicts()}
-    compared = 0
-    for (key, example), row in rows.items():
-        if key != served.key:
-            continue
-        exact = rows[(vllm_scorer.key, example)]
+    for example, row, exact in same_examples(fresh, served.key, vllm_scorer.key):
         assert row["token_ids"] == exact["token_ids"] and row["signals"] == "logprob-only" and exact["signals"] == "exact"
         a, b = np.array(row["logprob"][1:], dtype=float), np.array(exact["logprob"][1:], dtype=float)
         assert np.max(np.abs(a - b)) < 2e-3, example  # both float32: the server's log-softmax and our head agree
         assert all(v is None for v in row["entropy"])  # no entropy from a top-k
         assert [ids[0] for ids in row["top_ids"][1:]] == [ids[0] for ids in exact["top_ids"][1:]]
-        compared += 1
-    assert compared >= 6
     with pytest.raises(ValueError, match="needs full-vocabulary entropy.*curate score --model M"):
         select(fresh, load_recipe("qtuning_offline"), name="q", params={"score_key": served.key})
     assert select(fresh, load_recipe("ppl_band"), name="p", params={"score_key": served.key, "split": "heldout"}).rows > 0  # NLL only: fine
@@ -166,28 +166,18 @@ def test_a_pooling_server_gives_the_exact_signals_of_an_in_process_run(smollm2_d
     from curate.recipes import load_recipe
     from curate.score import open_served_scorer, score
     from curate.select import bind
-    from curate.served import Endpoint
-
-    from curate.served import POOLING_ARGS, local_server
+    from curate.served import POOLING_ARGS, Endpoint, local_server
 
     with local_server(smollm2_dir, *POOLING_ARGS, name="smollm2") as url:
         served = open_served_scorer(Endpoint(url, "smollm2"), signals="exact", top_k=5)
         score(fresh, served, where=SUBSET, progress=False)
     score(fresh, vllm_scorer, where=SUBSET, progress=False)
-    con = connect(fresh)
-    rows = {(r["score_key"], r["example_id"]): r for r in con.sql("select * from token_scores").pl().to_dicts()}
-    compared = 0
-    for (key, example), row in rows.items():
-        if key != served.key:
-            continue
-        exact = rows[(vllm_scorer.key, example)]
+    for example, row, exact in same_examples(fresh, served.key, vllm_scorer.key):
         assert row["token_ids"] == exact["token_ids"] and row["signals"] == exact["signals"] == "exact"
         for column in ("logprob", "entropy"):
             a, b = np.array(row[column][1:], dtype=float), np.array(exact[column][1:], dtype=float)
             assert np.max(np.abs(a - b)) < 1e-4, (example, column)  # the same float32 hidden states, the same head
         assert row["top_ids"][1:] == exact["top_ids"][1:]
-        compared += 1
-    assert compared >= 6
     assert bind(fresh, load_recipe("qtuning_offline"), {"score_key": served.key})["score_key"] == served.key  # entropy: accepted
 
 

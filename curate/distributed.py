@@ -77,8 +77,9 @@ def require_ray() -> Any:
     try:
         import ray
         import ray.data  # noqa: F401
-    except ImportError:
-        raise ImportError("--ray needs Ray Data: pip install 'curate-sft[ray]' (or pip install 'ray[data]')") from None
+    except ImportError:  # a LookupError: the command prints the message, not a traceback
+        raise LookupError("--ray needs Ray Data, which is not installed: pip install 'curate-sft[ray]' "
+                          "(or pip install 'ray[data]')") from None
     return ray
 
 

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _verb(verbs: argparse._SubParsersAction, name: str, summary: str, example: str, handler: Callable) -> argparse.ArgumentParser:
     parser = verbs.add_parser(
         name,
-        help=summary,
+        help=summary.replace("%", "%%"),  # argparse %-formats help lines (not descriptions)
         description=summary,
         epilog=f"example:\n  {example}",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -35,6 +35,15 @@ def test_commands_are_found() -> None:
     assert ["ingest"] in _commands() and ["models", "pull"] in _commands() and ["sft"] in _commands("train")
 
 
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_top_level_help_lists_every_command(program: str, capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        PROGRAMS[program][1](["--help"])
+    assert done.value.code == 0
+    listed = capsys.readouterr().out
+    assert all(command[0] in listed for command in _commands(program))
+
+
 @pytest.mark.parametrize("command", [[p, *c] for p in PROGRAMS for c in _commands(p)], ids=" ".join)
 def test_help_has_an_example_and_readme_documents_it(command: list[str], capsys) -> None:
     program, *verb = command

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 from curate.stream import example_batches
 from curate.workspace import Workspace
 
+RESTARTS = 3  # a replica that keeps dying (out of memory, a bad node) fails the run after this many restarts
 Output = tuple[list[tuple[str, Any]], dict[str, Any]]  # ([(table name, Arrow table)], counts for the report)
 ShardWork = Callable[[list[dict[str, Any]]], Output]
 
@@ -162,10 +164,14 @@ def run(job: Job, shards: Iterable[Any], *, address: str | None, replicas: int) 
     if not refs:
         return
     dataset = ray.data.from_arrow_refs(refs)
-    results = dataset.map_batches(
-        _Replica, fn_constructor_args=(job,), batch_size=None, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=min(replicas, len(refs))), max_restarts=3, max_task_retries=3,
-        **_replica_resources(ray, replicas))
+    with warnings.catch_warnings():
+        # a bound on restarts has no named parameter yet (Ray Data's own default restarts forever): the extra
+        # pins ray below 2.64, which drops these arguments
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+        results = dataset.map_batches(
+            _Replica, fn_constructor_args=(job,), batch_size=None, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=min(replicas, len(refs))), max_restarts=RESTARTS,
+            max_task_retries=RESTARTS, **_replica_resources(ray, replicas))
     for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
         rows = batch.to_pylist()
         counts = next(json.loads(r["blob"]) for r in rows if r["table"] == "__counts__")

@@ -45,8 +45,7 @@ def generate_args(ws: Workspace, model: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def straight(base: Workspace, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    """The single-process runs every Ray run must equal: the same commands, run in this process (its vLLM is
-    already imported)."""
+    """The single-process runs every Ray run must equal: the same commands, run in this process."""
     from curate.cli import main
 
     ws = Workspace(tmp_path_factory.mktemp("straight") / "ws")

@@ -49,7 +49,7 @@ endif
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/python -m curate.demo --workspace $(DEMO_WORKSPACE) $(if $(FULL),--full)
+	$(BIN)/python -m curate.experiments.demo --workspace $(DEMO_WORKSPACE) $(if $(FULL),--full)
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -5,7 +5,7 @@
 Same prompts (GSM8K questions in curate's chain-of-thought template, chat-templated), same max tokens,
 greedy, float32. Each path runs in its own process (peak RSS is its own):
   plain-generate  HF transformers `generate`, one prompt at a time: how research scripts do it (the baseline)
-  ours-vllm       curate.generate: vLLM in-process, the whole batch at once (continuous batching)
+  ours-vllm       curate.stages.generate: vLLM in-process, the whole batch at once (continuous batching)
 Generated tokens/s counts completion tokens only; the ratio is against the plain loop.
 """
 
@@ -25,8 +25,8 @@ PATHS = ("plain-generate", "ours-vllm")
 
 
 def prompt_messages(count: int) -> list[tuple[str, list[dict[str, str]], str]]:
-    from curate.bundled import BUILTIN_SOURCES
-    from curate.prompt_templates import load_template
+    from curate.models.bundled import BUILTIN_SOURCES
+    from curate.stages.prompts import load_template
     from curate.kernel.answers import extract_answer
 
     template = load_template("numeric", purpose="cot")
@@ -38,8 +38,8 @@ def prompt_workspace(prompts: list[tuple[str, list[dict[str, str]], str]], folde
     """A workspace whose examples are the prompts (their ids, messages and reference answers)."""
     import pyarrow as pa
 
-    from curate import schema
-    from curate.workspace import Workspace
+    from curate.store import schema
+    from curate.store.workspace import Workspace
 
     ws = Workspace(folder)
     rows = [{"example_id": i, "source": "bench", "split": "pool", "messages": m, "reference_answer": a, "meta": "{}"} for i, m, a in prompts]
@@ -51,7 +51,7 @@ def run_path(path: str, count: int, max_tokens: int, workdir: Path) -> tuple[flo
     """(seconds, generated tokens); model load excluded."""
     import torch
 
-    from curate.models import resolve
+    from curate.models.registry import resolve
 
     model_dir = resolve("smollm2")
     prompts = prompt_messages(count)
@@ -69,7 +69,8 @@ def run_path(path: str, count: int, max_tokens: int, workdir: Path) -> tuple[flo
             generated += out.shape[1] - ids["input_ids"].shape[1]
         return time.perf_counter() - start, generated
     if path == "ours-vllm":
-        from curate.generate import Sampling, generate, open_teacher
+        from curate.models.teacher import Sampling, open_teacher
+        from curate.stages.generate import generate
 
         ws = prompt_workspace(prompts, workdir / "ws")
         teacher = open_teacher(model_dir, dtype="float32", max_len=2048)

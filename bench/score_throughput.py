@@ -31,9 +31,9 @@ PATHS = {"plain-loop": "float32", "ours-transformers": "bfloat16", "ours-vllm": 
 def chats(count: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from curate.bundled import BUILTIN_SOURCES
+    from curate.models.bundled import BUILTIN_SOURCES
     from curate.kernel.chat_tokens import tokenize_chat
-    from curate.models import resolve
+    from curate.models.registry import resolve
 
     tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2"))
     rows = [json.loads(line) for line in BUILTIN_SOURCES["gsm8k"].path().read_text().splitlines()[:count]]
@@ -45,7 +45,7 @@ def run_path(path: str, sequences: list[list[int]]) -> float:
     """Seconds to score all sequences (model load excluded)."""
     import torch
 
-    from curate.models import resolve
+    from curate.models.registry import resolve
 
     dtype = PATHS[path]
     model_dir = resolve("smollm2")
@@ -60,8 +60,8 @@ def run_path(path: str, sequences: list[list[int]]) -> float:
                 _ = logp.gather(1, torch.tensor(ids[1:])[:, None]), -(logp.exp() * logp).sum(-1)
         return time.perf_counter() - start
     if path.startswith("ours-"):
-        from curate.head import token_signals
-        from curate.score import open_scorer
+        from curate.models.head import token_signals
+        from curate.models.scorer import open_scorer
 
         scorer = open_scorer(model_dir, engine=path.split("-")[1], dtype=dtype, top_k=5)
         device = scorer.head.weight.device

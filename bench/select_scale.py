@@ -31,8 +31,8 @@ PARAMS = {"random_budget": {"budget_tokens": 500_000}, "ppl_band": {"band": "mid
 def build(root: Path, examples: int, tokens: int) -> None:
     import pyarrow as pa
 
-    from curate import schema
-    from curate.workspace import Workspace
+    from curate.store import schema
+    from curate.store.workspace import Workspace
 
     rng = np.random.default_rng(0)
     ws = Workspace(root)
@@ -179,9 +179,9 @@ def pandas_rule(root: Path, recipe: str) -> list[str]:
 
 
 def duckdb_rule(root: Path, recipe: str, memory_limit: str) -> list[str]:
-    from curate.recipes import load_recipe
-    from curate.sql import connect
-    from curate.workspace import Workspace
+    from curate.stages.recipes import load_recipe
+    from curate.store.sql import connect
+    from curate.store.workspace import Workspace
 
     loaded = load_recipe(recipe)
     params = {name: KEYS[name] for name in loaded.parameters if name in KEYS} | {k: str(v) for k, v in PARAMS.get(recipe, {}).items()}
@@ -194,7 +194,7 @@ def duckdb_rule(root: Path, recipe: str, memory_limit: str) -> list[str]:
 
 def child(root: Path, recipe: str, engine: str, memory_limit: str) -> None:
     start = time.perf_counter()
-    libraries = ("duckdb", "curate.sql", "curate.recipes") if engine == "duckdb" else ("pandas", "pyarrow.parquet")
+    libraries = ("duckdb", "curate.store.sql", "curate.stages.recipes") if engine == "duckdb" else ("pandas", "pyarrow.parquet")
     for library in libraries:  # timed apart, so the table can show the rule without the imports
         importlib.import_module(library)
     imported = time.perf_counter()

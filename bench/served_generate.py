@@ -3,7 +3,7 @@
     .venv/bin/python bench/served_generate.py [--prompts 64] [--max-tokens 128] [--concurrency 1 8 32]
 
 The same GSM8K prompts (curate's chain-of-thought template), greedy, the same max new tokens, SmolLM2 in
-float32, through ``curate.generate.generate`` every time:
+float32, through ``curate.stages.generate.generate`` every time:
   in-process     vLLM inside the curate process, the whole batch in one call (its own process: own RSS)
   served c=N     a local ``vllm serve`` of the same model (started once, start-up excluded), N requests in flight
 Both engines share this machine's cores, one at a time. Generated tokens/s counts completion tokens; the
@@ -25,8 +25,9 @@ from generate_throughput import prompt_messages, prompt_workspace
 
 
 def in_process(count: int, max_tokens: int) -> dict:
-    from curate.generate import Sampling, generate, open_teacher
-    from curate.models import resolve
+    from curate.models.teacher import Sampling, open_teacher
+    from curate.stages.generate import generate
+    from curate.models.registry import resolve
 
     with tempfile.TemporaryDirectory() as folder:
         ws = prompt_workspace(prompt_messages(count), Path(folder) / "ws")
@@ -38,8 +39,9 @@ def in_process(count: int, max_tokens: int) -> dict:
 
 
 def served(url: str, count: int, max_tokens: int, concurrency: int) -> dict:
-    from curate.generate import Sampling, generate, open_served_teacher
-    from curate.served import Endpoint
+    from curate.models.teacher import Sampling, open_served_teacher
+    from curate.stages.generate import generate
+    from curate.models.served import Endpoint
 
     with tempfile.TemporaryDirectory() as folder:
         ws = prompt_workspace(prompt_messages(count), Path(folder) / "ws")
@@ -61,8 +63,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(in_process(args.prompts, args.max_tokens)))
         return
-    from curate.models import resolve
-    from curate.served import local_server
+    from curate.models.registry import resolve
+    from curate.models.served import local_server
 
     results = [run_child(__file__, ["--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens)], label="in-process")]
     with local_server(resolve("smollm2"), name="smollm2") as url:

@@ -3,7 +3,7 @@
     .venv/bin/python bench/served_score.py [--examples 256] [--concurrency 8]
 
 SmolLM2 in float32 everywhere (the served paths get float32 hidden states or log-probs), the same GSM8K
-chats, through ``curate.score.score`` (templating, engine, head, Parquet parts), start-ups not timed:
+chats, through ``curate.stages.score.score`` (templating, engine, head, Parquet parts), start-ups not timed:
   in-process        vLLM's pooling runner in the curate process + our head: exact signals
   served exact      a `vllm serve --runner pooling` (token_embed): hidden states over HTTP + our head: exact
   served logprobs   a plain `vllm serve`: prompt log-probs, top-5 (no entropy)
@@ -25,7 +25,7 @@ from generate_throughput import prompt_workspace
 def chats(count: int) -> list[tuple[str, list[dict[str, str]], str]]:
     import json
 
-    from curate.bundled import BUILTIN_SOURCES
+    from curate.models.bundled import BUILTIN_SOURCES
 
     rows = [json.loads(line) for line in BUILTIN_SOURCES["gsm8k"].path().read_text().splitlines()[:count]]
     return [(f"q{i:04d}", [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}], "")
@@ -33,7 +33,7 @@ def chats(count: int) -> list[tuple[str, list[dict[str, str]], str]]:
 
 
 def timed(path: str, scorer, count: int) -> dict:
-    from curate.score import score
+    from curate.stages.score import score
 
     with tempfile.TemporaryDirectory() as folder:
         ws = prompt_workspace(chats(count), Path(folder) / "ws")
@@ -50,9 +50,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from curate.models import resolve
-    from curate.score import open_scorer, open_served_scorer
-    from curate.served import POOLING_ARGS, Endpoint, local_server
+    from curate.models.registry import resolve
+    from curate.models.scorer import open_scorer, open_served_scorer
+    from curate.models.served import POOLING_ARGS, Endpoint, local_server
 
     model = resolve("smollm2")
     results = [timed("in-process", open_scorer(model, dtype="float32", max_len=2048), args.examples)]

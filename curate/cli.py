@@ -10,11 +10,33 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from curate.kernel.answers import STYLES
+from curate.kernel.lock import WorkspaceBusy
 from curate.kernel.vllm_factory import add_engine_arguments, engine_options
-from curate.records import FORMATS
-from curate.served import POOLING_ARGS
-from curate.sql import OUTPUT_FORMATS
-from curate.workspace import Workspace
+from curate.looks.plot import plot
+from curate.looks.report import write_report
+from curate.looks.show import show
+from curate.models import registry
+from curate.models.engines import DEFAULT_DTYPE, DTYPES, ENGINES
+from curate.models.scorer import open_scorer, open_served_scorer
+from curate.models.served import POOLING_ARGS, Endpoint
+from curate.models.teacher import Sampling, open_served_teacher, open_teacher
+from curate.stages.best_of_n import RULES, choose_best
+from curate.stages.export import FORMATS as EXPORT_FORMATS
+from curate.stages.export import export
+from curate.stages.generate import generate, generate_on_ray, source_predicate
+from curate.stages.ingest import ingest
+from curate.stages.probe import probe, probe_on_ray
+from curate.stages.recipes import RECIPE_DIR, load_recipe
+from curate.stages.records import FORMATS as INPUT_FORMATS
+from curate.stages.score import score, score_on_ray, score_pair
+from curate.stages.select import select
+from curate.stages.shards import RaySettings
+from curate.store import sql
+from curate.store.examples import example_predicate
+from curate.store.run_refs import resolve, runs_table
+from curate.store.sql import OUTPUT_FORMATS
+from curate.store.verify import IntegrityError, verify
+from curate.store.workspace import Workspace
 
 DESCRIPTION = """\
 Score, select and export LLM fine-tuning data by the model's own signals.
@@ -27,8 +49,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
-    from curate.kernel.lock import WorkspaceBusy
-    from curate.verify import IntegrityError
 
     try:
         return args.handler(args) or 0
@@ -75,7 +95,6 @@ def _verb(verbs: argparse._SubParsersAction, name: str, summary: str, example: s
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
-    from curate.engines import DEFAULT_DTYPE, ENGINES
 
     parser.add_argument("--engine", choices=ENGINES, default="vllm", help="vllm (production) or transformers (reference)")
     _dtype_arg(parser, DEFAULT_DTYPE, "model and head precision")
@@ -102,7 +121,6 @@ def _ray_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _ray_settings(args: argparse.Namespace, opener: dict):
-    from curate.distributed import RaySettings
 
     if args.replicas < 1:
         raise ValueError(f"--replicas {args.replicas}: give at least 1")
@@ -110,7 +128,6 @@ def _ray_settings(args: argparse.Namespace, opener: dict):
 
 
 def _endpoint(args: argparse.Namespace):
-    from curate.served import Endpoint
 
     if not args.served_model:
         raise ValueError("--endpoint needs --served-model NAME (the server's /v1/models lists the names)")
@@ -119,7 +136,6 @@ def _endpoint(args: argparse.Namespace):
 
 
 def _dtype_arg(parser: argparse.ArgumentParser, default: str, what: str) -> None:
-    from curate.engines import DTYPES
 
     parser.add_argument("--dtype", choices=DTYPES, default=default,
                         help=f"{what} (default {default}: bfloat16 where it is native, i.e. GPUs and CPUs with AVX-512 BF16 "
@@ -146,7 +162,7 @@ def _add_ingest(verbs: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("sources", nargs="+", metavar="SOURCE", help="file, directory, or built-in source name")
     _workspace_arg(parser)
-    parser.add_argument("--format", dest="fmt", choices=FORMATS, help="force one format instead of detecting it per row")
+    parser.add_argument("--format", dest="fmt", choices=INPUT_FORMATS, help="force one format instead of detecting it per row")
     parser.add_argument(
         "--map",
         dest="column_map",
@@ -183,7 +199,6 @@ def _key_values(pairs: list[str], option: str, shape: str = "NAME=VALUE") -> dic
 
 
 def _run_ingest(args: argparse.Namespace) -> int:
-    from curate.ingest import ingest
 
     report = ingest(
         args.sources,
@@ -235,7 +250,6 @@ def _run_sql(args: argparse.Namespace) -> int:
 def _print_sql(text: str, args: argparse.Namespace) -> int:
     import duckdb
 
-    from curate import sql
 
     try:
         result = sql.run(text, workspace=args.workspace, output_format=args.output_format, output=args.output, max_rows=args.max_rows)
@@ -247,7 +261,6 @@ def _print_sql(text: str, args: argparse.Namespace) -> int:
 
 
 def _sql_shell(args: argparse.Namespace) -> int:
-    from curate import sql
 
     tables = ", ".join(args.workspace.tables()) or "none yet"
     print(f"curate sql on {args.workspace.root} (tables: {tables}). End a query with ';'. Ctrl-D quits.")
@@ -310,8 +323,6 @@ def _add_score(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from curate.score import open_scorer, score, score_pair
-    from curate.stream import example_predicate
 
     example_predicate(args.workspace, args.where)  # a bad filter fails now, not after the model loaded
     options = {"engine": args.engine, "dtype": args.dtype, "top_k": args.top_k, "max_len": args.max_len, "overlong": args.overlong,
@@ -319,13 +330,11 @@ def _run_score(args: argparse.Namespace) -> int:
     common = {"where": args.where, "shard_size": args.shard_size, "progress": not args.quiet}
     with args.workspace.writing():  # a second writer refuses before any model loads
         if args.ray is not None:
-            from curate.score import score_on_ray
 
             if not args.model:
                 raise ValueError("--ray scores one in-process model per replica: give --model (not --pair or --endpoint)")
             report = score_on_ray(args.workspace, _ray_settings(args, {"model": args.model, **options}), ifd=args.ifd, **common)
         elif args.endpoint:
-            from curate.score import open_served_scorer
 
             scorer = open_served_scorer(_endpoint(args), local_model=args.local_model, signals=args.served_signals, top_k=args.top_k,
                                         max_len=args.max_len, overlong=args.overlong, prompt_format=args.prompt_format)
@@ -370,9 +379,6 @@ def _add_probe(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_probe(args: argparse.Namespace) -> int:
-    from curate.probe import probe, probe_on_ray
-    from curate.score import open_scorer
-    from curate.stream import example_predicate
 
     example_predicate(args.workspace, args.where)
     opener = {"model": args.model, "engine": args.engine, "dtype": args.dtype, "top_k": 0, "options": engine_options(args)}
@@ -390,8 +396,6 @@ def _run_probe(args: argparse.Namespace) -> int:
 
 
 def _add_generate(verbs: argparse._SubParsersAction) -> None:
-    from curate.best_of_n import RULES
-    from curate.engines import ENGINES
 
     parser = _verb(
         verbs,
@@ -433,8 +437,6 @@ def _add_generate(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from curate.best_of_n import choose_best
-    from curate.generate import Sampling, generate, open_teacher, source_predicate
 
     sampling = Sampling(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     if args.choose == "student-logprob" and not args.student:
@@ -447,14 +449,12 @@ def _run_generate(args: argparse.Namespace) -> int:
                   "progress": not args.quiet}
         opener = {"model": args.teacher, "dtype": args.dtype, "max_len": args.max_len, "options": engine_options(args)}
         if args.ray is not None:
-            from curate.generate import generate_on_ray
 
             if args.endpoint:
                 raise ValueError("--ray runs an in-process teacher per replica: a served teacher takes --concurrency instead")
             report = generate_on_ray(args.workspace, _ray_settings(args, opener), **common)
         else:
             if args.endpoint:
-                from curate.generate import open_served_teacher
 
                 teacher = open_served_teacher(_endpoint(args))
             else:
@@ -464,7 +464,6 @@ def _run_generate(args: argparse.Namespace) -> int:
         print(report.summary())
         student = None
         if args.choose == "student-logprob":
-            from curate.score import open_scorer
 
             student = open_scorer(args.student, engine=args.student_engine, top_k=0)
         chosen = choose_best(args.workspace, report.key, rule=args.choose, student=student)
@@ -495,8 +494,6 @@ def _add_select(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_select(args: argparse.Namespace) -> int:
-    from curate.recipes import load_recipe
-    from curate.select import select
 
     recipe = load_recipe(args.recipe)
     params = _key_values(args.param, "--param")
@@ -511,7 +508,6 @@ def _add_recipes(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_recipes(args: argparse.Namespace) -> int:
-    from curate.recipes import RECIPE_DIR, load_recipe
 
     for path in sorted(RECIPE_DIR.glob("*.sql")):
         recipe = load_recipe(path)
@@ -526,7 +522,6 @@ def _run_recipes(args: argparse.Namespace) -> int:
 
 
 def _add_export(verbs: argparse._SubParsersAction) -> None:
-    from curate.export import FORMATS
 
     parser = _verb(
         verbs,
@@ -539,14 +534,13 @@ def _add_export(verbs: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("name", help="selection name (selections/NAME)")
     _workspace_arg(parser)
-    parser.add_argument("--format", dest="fmt", choices=FORMATS, required=True)
+    parser.add_argument("--format", dest="fmt", choices=EXPORT_FORMATS, required=True)
     parser.add_argument("--model", help="tokenizer for the tokenized formats: the model the scores came from")
     parser.add_argument("--out", type=Path, help="output folder")
     parser.add_argument("--drop-masks", action="store_true", help="allow a masked selection in a chat format (masks are lost)")
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from curate.export import export
 
     target = export(args.workspace, args.name, args.fmt, out=args.out, model=args.model, drop_masks=args.drop_masks)
     print(f"exported selection {args.name} as {args.fmt} to {target}")
@@ -572,8 +566,6 @@ def _add_plot(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    from curate.plot import plot
-    from curate.run_refs import resolve
 
     score_key = resolve(args.workspace, "score_run", args.score_key, parameter="--score-key") if args.score_key else None
     probe_key = resolve(args.workspace, "probe_run", args.probe_key, parameter="--probe-key") if args.probe_key else None
@@ -605,7 +597,6 @@ def _add_show(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_show(args: argparse.Namespace) -> int:
-    from curate.show import show
 
     show(args.workspace, args.example_id, signal=args.signal, selection=args.selection, run=args.run, values=args.values)
     return 0
@@ -631,7 +622,6 @@ def _add_report(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from curate.report import write_report
 
     print(write_report(args.workspace, args.name, out=args.out, token_examples=args.token_examples))
     return 0
@@ -671,7 +661,8 @@ def _add_instructdiff(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_instructdiff(args: argparse.Namespace) -> int:
-    from curate.instructdiff import iterate
+    # experiments import the trainer, and with it torch: lazy, so every other command starts fast
+    from curate.experiments.instructdiff import iterate
 
     training = {k: v for k, v in {"lora_r": args.lora_r, "epochs": args.epochs, "lr": args.lr, "max_len": args.max_len,
                                   "preset": args.preset}.items() if v is not None}
@@ -702,7 +693,9 @@ def _add_study(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_study(args: argparse.Namespace) -> int:
-    from curate.study import load_spec, run_study
+    # experiments import the trainer, and with it torch: lazy, so every other command starts fast
+    from curate.experiments.study.run import run_study
+    from curate.experiments.study.spec import load_spec  # beside run_study: one place that loads the study
 
     folder = run_study(args.workspace, load_spec(args.spec), progress=not args.quiet)
     print((folder / "report.md").read_text())
@@ -729,7 +722,6 @@ def _add_runs(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_runs(args: argparse.Namespace) -> int:
-    from curate.run_refs import runs_table
 
     print(runs_table(args.workspace, stage=args.stage, limit=args.limit))
     return 0
@@ -750,7 +742,6 @@ def _add_verify(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from curate.verify import verify
 
     report = verify(args.workspace, clean=args.clean)
     print(report.summary())
@@ -781,23 +772,21 @@ def _add_models(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_models_pull(args: argparse.Namespace) -> int:
-    from curate import models
 
-    path = models.pull(args.alias, force=args.force)
+    path = registry.pull(args.alias, force=args.force)
     print(f"{args.alias}: {path}")
     return 0
 
 
 def _run_models_list(args: argparse.Namespace) -> int:
-    from curate import models
 
-    print(f"model cache: {models.cache_dir()}  (set ${models.CACHE_ENV} to move it)")
-    cached = models.cached_models()
-    for alias, bundled in models.BUNDLED_MODELS.items():
+    print(f"model cache: {registry.cache_dir()}  (set ${registry.CACHE_ENV} to move it)")
+    cached = registry.cached_models()
+    for alias, bundled in registry.BUNDLED_MODELS.items():
         state = str(cached[alias]) if alias in cached else f"not pulled (curate models pull {alias})"
         print(f"  {alias:<10} {bundled.description}\n             {state}")
     for name, path in cached.items():
-        if name not in models.BUNDLED_MODELS:
+        if name not in registry.BUNDLED_MODELS:
             print(f"  {name:<10} {path}")
     return 0
 

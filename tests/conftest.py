@@ -29,16 +29,16 @@ def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
 
 @pytest.fixture
 def workspace(tmp_path: Path):
-    from curate.workspace import Workspace
+    from curate.store.workspace import Workspace
 
     return Workspace(tmp_path / "ws")
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from curate import models
+    from curate.models import registry
 
-    return models.pull("smollm2")
+    return registry.pull("smollm2")
 
 
 # ---- the real SmolLM2 and GSM8K, shared by every test that loads them ------------------------------------
@@ -48,8 +48,8 @@ SUBSET = "example_id < '03'"  # 19 GSM8K examples, ~4,500 chat tokens: enough to
 
 @pytest.fixture(scope="session")
 def gsm8k_workspace(tmp_path_factory: pytest.TempPathFactory):
-    from curate.ingest import ingest
-    from curate.workspace import Workspace
+    from curate.stages.ingest import ingest
+    from curate.store.workspace import Workspace
 
     ws = Workspace(tmp_path_factory.mktemp("gsm8k"))
     ingest(["gsm8k"], workspace=ws, progress=False)
@@ -61,7 +61,7 @@ def fresh(gsm8k_workspace, tmp_path: Path):
     """A workspace holding only the ingested GSM8K examples (tables from other tests do not leak in)."""
     import shutil
 
-    from curate.workspace import Workspace
+    from curate.store.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws")
     ws.root.mkdir()
@@ -72,7 +72,7 @@ def fresh(gsm8k_workspace, tmp_path: Path):
 @pytest.fixture(scope="session")
 def reference(smollm2_dir: Path):
     """The transformers scorer: the reference every vLLM result is checked against."""
-    from curate.score import open_scorer
+    from curate.models.scorer import open_scorer
 
     return open_scorer(str(smollm2_dir), engine="transformers", dtype="float32", top_k=5)
 
@@ -87,7 +87,7 @@ def _closing(opened):
 def vllm_scorer(smollm2_dir: Path):
     """A float32 vLLM pooling engine for a test module (start-up takes ~15 s on 2 cores)."""
     pytest.importorskip("vllm")
-    from curate.score import open_scorer
+    from curate.models.scorer import open_scorer
 
     yield from _closing(open_scorer(str(smollm2_dir), engine="vllm", dtype="float32", top_k=5))
 
@@ -96,7 +96,7 @@ def vllm_scorer(smollm2_dir: Path):
 def vllm_bf16_scorer(smollm2_dir: Path):
     """The vLLM engine in bfloat16 (the default precision on a CPU with native bf16)."""
     pytest.importorskip("vllm")
-    from curate.score import open_scorer
+    from curate.models.scorer import open_scorer
 
     yield from _closing(open_scorer(str(smollm2_dir), engine="vllm", dtype="bfloat16", top_k=5))
 
@@ -105,7 +105,7 @@ def vllm_bf16_scorer(smollm2_dir: Path):
 def teacher(smollm2_dir: Path):
     """A vLLM generation engine (float32: greedy traces are compared with transformers' generate)."""
     pytest.importorskip("vllm")
-    from curate.generate import open_teacher
+    from curate.models.teacher import open_teacher
 
     yield from _closing(open_teacher(str(smollm2_dir), dtype="float32", max_len=2048))
 
@@ -114,7 +114,7 @@ def copy_workspace(ws, target: Path):
     """A writable copy of a shared workspace."""
     import shutil
 
-    from curate.workspace import Workspace
+    from curate.store.workspace import Workspace
 
     shutil.copytree(ws.root, target, ignore=shutil.ignore_patterns(".curate"))
     return Workspace(target)
@@ -126,8 +126,8 @@ def scored_subset(gsm8k_workspace, reference, tmp_path_factory: pytest.TempPathF
     scores share it (copy it before writing)."""
     import shutil
 
-    from curate.score import score
-    from curate.workspace import Workspace
+    from curate.stages.score import score
+    from curate.store.workspace import Workspace
 
     ws = Workspace(tmp_path_factory.mktemp("scored") / "ws")
     ws.root.mkdir()
@@ -143,17 +143,17 @@ def scored_subset(gsm8k_workspace, reference, tmp_path_factory: pytest.TempPathF
 def smollm2_tokenizer_dir() -> Path:
     """SmolLM2's tokenizer (with its chat template) without converting its weights: the fast tier needs only
     this. Taken from the converted model when it is there, else read from the GGUF once and kept."""
-    from curate import models
+    from curate.models import registry
     from curate.kernel.atomic import staged_directory
 
-    converted = models.cache_dir() / "smollm2"
+    converted = registry.cache_dir() / "smollm2"
     if (converted / "tokenizer.json").is_file():
         return converted
     kept = REPO / ".cache" / "tokenizers" / "smollm2"
     if not (kept / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
-        from curate.bundled import smollm2_gguf
+        from curate.models.bundled import smollm2_gguf
 
         gguf = smollm2_gguf()
         with staged_directory(kept) as staging:

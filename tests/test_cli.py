@@ -72,7 +72,7 @@ def test_cli_reports_bad_options(tmp_path: Path, capsys) -> None:
 
 def test_cli_select_with_params_and_export(tmp_path: Path, capsys) -> None:
     from test_recipes import examples, samples
-    from curate.workspace import Workspace
+    from curate.store.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws")
     names = [f"e{i:02d}" for i in range(1, 7)]
@@ -94,7 +94,7 @@ def test_concurrent_model_pulls_take_turns(tmp_path: Path, monkeypatch) -> None:
     import threading
     import time as clock
 
-    from curate import models
+    from curate.models import registry
 
     monkeypatch.setenv("CURATE_MODELS", str(tmp_path / "cache"))
     conversions = []
@@ -104,15 +104,15 @@ def test_concurrent_model_pulls_take_turns(tmp_path: Path, monkeypatch) -> None:
         clock.sleep(0.5)
         (out / "config.json").write_text("{}")
 
-    monkeypatch.setattr(models, "_convert_gguf", slow_convert)
-    monkeypatch.setattr(models, "_check_loads", lambda directory: None)
-    bundled = models.BundledModel("smollm2", "a stand-in", lambda: Path(__file__))  # any existing file as the GGUF
-    monkeypatch.setitem(models.BUNDLED_MODELS, "smollm2", bundled)
+    monkeypatch.setattr(registry, "_convert_gguf", slow_convert)
+    monkeypatch.setattr(registry, "_check_loads", lambda directory: None)
+    bundled = registry.BundledModel("smollm2", "a stand-in", lambda: Path(__file__))  # any existing file as the GGUF
+    monkeypatch.setitem(registry.BUNDLED_MODELS, "smollm2", bundled)
     results, errors = [], []
 
     def pull() -> None:
         try:
-            results.append(models.pull("smollm2"))
+            results.append(registry.pull("smollm2"))
         except Exception as err:  # noqa: BLE001 - the test reports any failure
             errors.append(err)
 

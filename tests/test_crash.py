@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, write_jsonl
-from curate.verify import GRAINS, verify
-from curate.workspace import Workspace
+from curate.store.verify import GRAINS, verify
+from curate.store.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 SEED = int(os.environ.get("CURATE_CRASH_SEED", random.randrange(1 << 30)))
@@ -103,7 +103,7 @@ def crash_and_resume(program: str, make_args, tables: list[str], tmp_path: Path,
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     """GSM8K ingested once; each test copies it."""
-    from curate.ingest import ingest
+    from curate.stages.ingest import ingest
 
     ws = Workspace(tmp_path_factory.mktemp("base") / "ws")
     ingest(["gsm8k"], workspace=ws, progress=False)

@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_jsonl
-from curate.export import export
-from curate.ingest import ingest
-from curate.recipes import load_recipe
-from curate.select import select
-from curate.workspace import Workspace
+from curate.stages.export import export
+from curate.stages.ingest import ingest
+from curate.stages.recipes import load_recipe
+from curate.stages.select import select
+from curate.store.workspace import Workspace
 
 # the first response token of every example is masked out; the rest of the response (and <|im_end|>) trained
 MASKED_SQL = """
@@ -31,7 +31,7 @@ def selected(tmp_path: Path, tiny_model_dir: Path) -> tuple[Workspace, Path]:
 
     import pyarrow as pa
 
-    from curate import schema
+    from curate.store import schema
     from curate.kernel.chat_tokens import tokenize_chat
 
     rows = [{"system": "Be brief.", "prompt": f"What is {i} + {i}?", "completion": f"{i} + {i} = {2 * i}.\n#### {2 * i}"} for i in range(1, 9)]

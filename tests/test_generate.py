@@ -8,11 +8,12 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from curate import schema
-from curate.best_of_n import choose_best
-from curate.generate import Sampling, generate, source_predicate
-from curate.sql import connect
-from curate.workspace import Workspace
+from curate.store import schema
+from curate.stages.best_of_n import choose_best
+from curate.models.teacher import Sampling
+from curate.stages.generate import generate, source_predicate
+from curate.store.sql import connect
+from curate.store.workspace import Workspace
 
 SUBSET = "example_id < '01'"  # 8 GSM8K problems
 
@@ -107,7 +108,7 @@ def test_real_generation_is_well_formed_and_resumes(fresh: Workspace, teacher, r
 
 @pytest.mark.model
 def test_greedy_traces_match_transformers_generate(fresh: Workspace, teacher, smollm2_dir: Path) -> None:
-    """The teacher runs without chunked prefill (see curate.generate.open_teacher): its greedy continuations
+    """The teacher runs without chunked prefill (see curate.models.teacher.open_teacher): its greedy continuations
     are the ones transformers' own generate produces from the same prompt tokens."""
     import torch
     from transformers import AutoModelForCausalLM

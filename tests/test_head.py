@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from curate.head import ARCHITECTURES, OutputHead, load_head, pair_signals, token_signals
+from curate.models.head import ARCHITECTURES, OutputHead, load_head, pair_signals, token_signals
 
 SMALL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
          "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 128}

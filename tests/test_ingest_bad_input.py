@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_jsonl
-from curate import workspace as workspace_module
-from curate.ingest import ingest
-from curate.sql import connect
+from curate.store import workspace as workspace_module
+from curate.stages.ingest import ingest
+from curate.store.sql import connect
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
 

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_jsonl
-from curate.ingest import ingest, split_of
-from curate.records import example_id
-from curate.sql import connect
+from curate.stages.ingest import ingest, split_of
+from curate.stages.records import example_id
+from curate.store.sql import connect
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

@@ -11,13 +11,14 @@ import pytest
 
 from conftest import write_jsonl
 from curate.cli import main
-from curate.ingest import IngestConflict, ingest
+from curate.stages.ingest import IngestConflict, ingest
 from curate.kernel.chat_tokens import tokenize_chat
-from curate.recipes import load_recipe
-from curate.score import open_scorer, score, score_pair
-from curate.select import run_recipe, select
-from curate.sql import connect
-from curate.workspace import Workspace
+from curate.stages.recipes import load_recipe
+from curate.models.scorer import open_scorer
+from curate.stages.score import score, score_pair
+from curate.stages.select import run_recipe, select
+from curate.store.sql import connect
+from curate.store.workspace import Workspace
 from test_recipes import examples, put, token_row
 
 CHATS = [
@@ -122,16 +123,16 @@ def test_reingesting_with_another_split_or_answer_rule_is_refused(tmp_path: Path
 
 def test_a_bad_filter_fails_before_any_model_loads_and_a_whole_query_works(chats: Workspace, tiny_model_dir: Path, capsys,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import curate.score
+    import curate.cli
 
-    real = curate.score.open_scorer
-    monkeypatch.setattr(curate.score, "open_scorer", lambda *a, **k: pytest.fail("a model was loaded"))
+    real = curate.cli.open_scorer
+    monkeypatch.setattr(curate.cli, "open_scorer", lambda *a, **k: pytest.fail("a model was loaded"))
     assert main(["score", "-w", str(chats.root), "--model", "any", "--where", "select example_id from examples limt 4"]) == 1
     error = capsys.readouterr().err
     assert "is not usable SQL" in error and "whole query that returns example_id" in error
     assert main(["generate", "-w", str(chats.root), "--teacher", "any", "--from", "split = "]) == 1
     assert "--from 'split = ' is not usable SQL" in capsys.readouterr().err
-    monkeypatch.setattr(curate.score, "open_scorer", real)
+    monkeypatch.setattr(curate.cli, "open_scorer", real)
     query = "select example_id from examples order by example_id limit 4"
     assert main(["score", "-w", str(chats.root), "--model", str(tiny_model_dir), "--engine", "transformers", "--dtype", "float32",
                  "--where", query, "--quiet"]) == 0
@@ -168,9 +169,10 @@ def test_the_fingerprint_covers_weights_tokenizer_and_chat_template(tiny_model_d
 
 
 def test_the_generation_key_covers_the_teachers_context_limit() -> None:
-    from curate.engines import ModelIdentity
-    from curate.generate import Sampling, Teacher, generation_key
-    from curate.prompt_templates import templates_for
+    from curate.models.engines import ModelIdentity
+    from curate.models.teacher import Sampling, Teacher
+    from curate.stages.generate import generation_key
+    from curate.stages.prompts import templates_for
 
     identity = ModelIdentity("t", "/t", "f" * 16, "float32")
     templates = templates_for("auto", purpose="cot")
@@ -194,10 +196,10 @@ def test_auto_precision_follows_the_machine_and_the_key_records_it(tiny_model_di
 
 
 def test_progress_moves_within_a_shard(chats: Workspace, tiny_scorer, monkeypatch: pytest.MonkeyPatch) -> None:
-    import curate.score
-    from curate.stream import TokenProgress
+    import curate.stages.score
+    from curate.store.examples import TokenProgress
 
-    monkeypatch.setitem(curate.score.BATCH_TOKENS, "cpu", 60)  # a few examples per engine call
+    monkeypatch.setitem(curate.stages.score.BATCH_TOKENS, "cpu", 60)  # a few examples per engine call
     updates = []
     real_done = TokenProgress.done
     monkeypatch.setattr(TokenProgress, "done", lambda self, tokens: updates.append(tokens) or real_done(self, tokens))

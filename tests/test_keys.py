@@ -18,10 +18,28 @@ from curate.kernel import keys
 PIN = REPO / "tests" / "golden" / "signals_version.json"
 
 
+def _is_docstring(node: ast.stmt) -> bool:
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+
+
+def _code_without_imports(source: str) -> str:
+    """What a file computes: its syntax tree less import statements (where a module lives, and where it finds
+    the others, is not a change of signals), comments and layout (ast.dump keeps neither)."""
+    tree = ast.parse(source)
+    tree.body = [node for node in tree.body if not isinstance(node, (ast.Import, ast.ImportFrom)) and not _is_docstring(node)]
+    for node in ast.walk(tree):
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(node, field, None)
+            if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+                setattr(node, field, [n for n in block if not isinstance(n, (ast.Import, ast.ImportFrom)) and not _is_docstring(n)] or [ast.Pass()])
+    return ast.dump(tree)
+
+
 def _definition_digest() -> str:
+    """The contents of the files that define the signals, not their paths: moving a file is not a change."""
     digest = hashlib.sha256()
     for relative in keys.SIGNAL_DEFINITION_FILES:
-        digest.update(relative.encode() + b"\0" + (REPO / relative).read_bytes())
+        digest.update(_code_without_imports((REPO / relative).read_text()).encode() + b"\0")
     return digest.hexdigest()
 
 

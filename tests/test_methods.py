@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl
-from curate.ingest import ingest
+from curate.stages.ingest import ingest
 from curate.kernel.chat_tokens import tokenize_alpaca
-from curate.score import open_scorer, score
-from curate.sql import connect
-from curate.workspace import Workspace
+from curate.models.scorer import open_scorer
+from curate.stages.score import score
+from curate.store.sql import connect
+from curate.store.workspace import Workspace
 
 CHATS = [{"prompt": f"What is {i} times 3?", "completion": f"{i} times 3 is {3 * i}.\n#### {3 * i}"} for i in range(1, 41)]
 
@@ -48,7 +49,7 @@ def test_alpaca_format_scores_everything_after_the_prompt(tiny_model_dir: Path, 
 
 
 def test_instructdiff_iterations_train_each_calibrator_from_the_base_and_resume(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from curate.instructdiff import iterate
+    from curate.experiments.instructdiff import iterate
 
     ws = Workspace(tmp_path / "ws")
     ingest([str(write_jsonl(tmp_path / "c.jsonl", CHATS))], workspace=ws, progress=False)
@@ -68,8 +69,8 @@ def test_instructdiff_iterations_train_each_calibrator_from_the_base_and_resume(
 
 
 def test_the_reference_multiple_choice_probe_prompt(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from curate.probe import probe
-    from curate.prompt_templates import load_template
+    from curate.stages.probe import probe
+    from curate.stages.prompts import load_template
 
     template = load_template("options", purpose="answer_only")
     asked = template.apply([{"role": "user", "content": "Which is heavier?"}, {"role": "assistant", "content": "B"}],

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from curate import models
+from curate.models import registry
 
 pytestmark = pytest.mark.model
 
@@ -16,12 +16,12 @@ pytestmark = pytest.mark.model
 def test_pull_is_idempotent_and_listed(smollm2_dir: Path, capsys) -> None:
     stamp = (smollm2_dir / "model.safetensors").stat().st_mtime
     started = time.perf_counter()
-    assert models.pull("smollm2") == smollm2_dir
+    assert registry.pull("smollm2") == smollm2_dir
     assert time.perf_counter() - started < 1.0  # cached: no second conversion
     assert (smollm2_dir / "model.safetensors").stat().st_mtime == stamp
-    assert models.cached_models()["smollm2"] == smollm2_dir
-    assert models.resolve("smollm2") == str(smollm2_dir)
-    assert models.resolve(str(smollm2_dir)) == str(smollm2_dir.resolve())
+    assert registry.cached_models()["smollm2"] == smollm2_dir
+    assert registry.resolve("smollm2") == str(smollm2_dir)
+    assert registry.resolve(str(smollm2_dir)) == str(smollm2_dir.resolve())
     from curate.cli import main
 
     assert main(["models", "list"]) == 0
@@ -57,13 +57,13 @@ def test_vllm_loads_and_generates(smollm2_dir: Path, monkeypatch: pytest.MonkeyP
 
 def test_unknown_model_error_names_what_was_tried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(models.ModelNotFoundError) as err:
-        models.resolve("no-such-org/no-such-model")
+    with pytest.raises(registry.ModelNotFoundError) as err:
+        registry.resolve("no-such-org/no-such-model")
     message = str(err.value)
     assert "bundled alias" in message and "local directory" in message and "model cache" in message and "hub id" in message
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(models.ModelNotFoundError, match="has no config.json"):
-        models.resolve(str(empty))
-    with pytest.raises(models.ModelNotFoundError, match="no bundled model named 'llama'"):
-        models.pull("llama")
+    with pytest.raises(registry.ModelNotFoundError, match="has no config.json"):
+        registry.resolve(str(empty))
+    with pytest.raises(registry.ModelNotFoundError, match="no bundled model named 'llama'"):
+        registry.pull("llama")

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import oracles
-from curate.recipes import load_recipe
-from curate.score_tables import rebuild_sample_scores
-from curate.select import run_recipe
-from curate.workspace import Workspace
+from curate.stages.recipes import load_recipe
+from curate.store.score_tables import rebuild_sample_scores
+from curate.stages.select import run_recipe
+from curate.store.workspace import Workspace
 from test_recipes import examples, put
 
 NLL_VALUES = [0.0, 0.5, 1.0, 2.0]  # few distinct values: ties on purpose (exp(0) = 1 ties a prompt position)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from curate.plot import plot, roc_points
-from curate.workspace import Workspace
+from curate.looks.plot import plot, roc_points
+from curate.store.workspace import Workspace
 from test_recipes import examples, put, samples
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import SUBSET, write_jsonl
-from curate.ingest import ingest
-from curate.probe import probe, roc_auc
-from curate.prompt_templates import load_template
-from curate.sql import connect
-from curate.workspace import Workspace
+from curate.stages.ingest import ingest
+from curate.stages.probe import probe, roc_auc
+from curate.stages.prompts import load_template
+from curate.store.sql import connect
+from curate.store.workspace import Workspace
 
 
 def _pairwise_auc(scores: list[float], labels: list[bool]) -> float:

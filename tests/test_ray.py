@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO
 from test_crash import _command, _env, base, copy_of, run, same_workspaces  # noqa: F401  (base: a fixture)
-from curate.workspace import Workspace
+from curate.store.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("ray.data")

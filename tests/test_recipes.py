@@ -8,10 +8,10 @@ import math
 import pyarrow as pa
 import pytest
 
-from curate import schema
-from curate.recipes import load_recipe
-from curate.select import AuditError, run_recipe, select
-from curate.workspace import Workspace
+from curate.store import schema
+from curate.stages.recipes import load_recipe
+from curate.stages.select import AuditError, run_recipe, select
+from curate.store.workspace import Workspace
 
 KEY = "k"
 
@@ -142,7 +142,7 @@ def test_eksft_offline_masks_top_entropy_and_kl_per_example(workspace: Workspace
 
 
 def test_qtuning_offline_quadrants_and_q2_token_pruning(workspace: Workspace) -> None:
-    from curate.score_tables import rebuild_sample_scores
+    from curate.store.score_tables import rebuild_sample_scores
 
     names = [f"e{i}" for i in range(1, 9)]
     examples(workspace, names)
@@ -202,7 +202,7 @@ def test_select_materializes_with_a_manifest_and_audits(scored: Workspace, tmp_p
 def test_recipe_results_reach_polars_unchanged(scored: Workspace) -> None:
     import polars as pl
 
-    from curate.sql import connect
+    from curate.store.sql import connect
 
     table = run_recipe(scored, load_recipe("entropy_band"), {"score_key": KEY, "band": "max", "fraction": "0.5"})
     frame = pl.from_arrow(table)
@@ -242,7 +242,7 @@ def test_a_reselect_replaces_the_selection_in_one_rename_and_a_failed_one_keeps_
                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from curate.select import read_manifest
+    from curate.stages.select import read_manifest
 
     select(scored, load_recipe("ppl_band"), name="band", params={"score_key": KEY, "band": "max", "fraction": "0.2"})
     part = scored.table_dir("selections/band") / "part-0.parquet"

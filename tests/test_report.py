@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_jsonl
-from curate.ingest import ingest
-from curate.recipes import load_recipe
-from curate.score import open_scorer, score
-from curate.select import select
-from curate.workspace import Workspace
+from curate.stages.ingest import ingest
+from curate.stages.recipes import load_recipe
+from curate.models.scorer import open_scorer
+from curate.stages.score import score
+from curate.stages.select import select
+from curate.store.workspace import Workspace
 
 # every other response token masked out, the end-of-turn kept: a mask with a known shape
 ALTERNATE_SQL = """
@@ -49,7 +50,7 @@ def test_show_marks_exactly_the_tokens_the_mask_excludes(scored: Workspace, tiny
     from rich.console import Console
     from transformers import AutoTokenizer
 
-    from curate.show import MASK_CLOSE, MASK_OPEN, show
+    from curate.looks.show import MASK_CLOSE, MASK_OPEN, show
 
     row = pq.read_table(scored.table_dir("selections/alternate") / "part-0.parquet").to_pylist()[3]
     out = io.StringIO()
@@ -67,8 +68,8 @@ def test_show_marks_exactly_the_tokens_the_mask_excludes(scored: Workspace, tiny
 def test_the_dataset_card_parses_and_names_the_recipe_and_the_model(scored: Workspace, tiny_model_dir: Path) -> None:
     import yaml
 
-    from curate.export import export
-    from curate.select import read_manifest
+    from curate.stages.export import export
+    from curate.stages.select import read_manifest
 
     folder = export(scored, "alternate", "axolotl", model=str(tiny_model_dir))
     text = (folder / "README.md").read_text()
@@ -114,7 +115,7 @@ def console_errors(log: str) -> list[str]:
 
 @pytest.mark.slow
 def test_the_report_works_in_a_real_browser(scored: Workspace, chromium: str, tmp_path: Path) -> None:
-    from curate.report import write_report
+    from curate.looks.report import write_report
 
     path = write_report(scored, "alternate", out=tmp_path / "report.html")
     assert "http://" not in path.read_text().replace("http://www.w3.org/2000/svg", "")  # nothing fetched from anywhere
@@ -144,7 +145,7 @@ def test_the_report_works_in_a_real_browser(scored: Workspace, chromium: str, tm
 def test_the_report_pages_through_ten_thousand_examples(tmp_path: Path, chromium: str) -> None:
     import time
 
-    from curate.report import write_report
+    from curate.looks.report import write_report
     from test_recipes import examples, samples
 
     ws = Workspace(tmp_path / "ws")

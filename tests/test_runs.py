@@ -13,13 +13,13 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from curate import schema
+from curate.store import schema
 from curate.cli import main
 from curate.kernel.lock import WorkspaceBusy, writer_lock
 from curate.kernel.runs import recorded_run
-from curate.run_refs import ReferenceError, read_runs, resolve, runs_table
-from curate.verify import IntegrityError, check_tables, verify
-from curate.workspace import Workspace
+from curate.store.run_refs import ReferenceError, read_runs, resolve, runs_table
+from curate.store.verify import IntegrityError, check_tables, verify
+from curate.store.workspace import Workspace
 from test_recipes import examples, put, samples
 
 
@@ -73,8 +73,8 @@ def test_a_model_reference_means_its_latest_finished_run(workspace: Workspace, t
 
 def test_recipe_parameters_keep_run_keys_as_text(workspace: Workspace) -> None:
     """A 16-hex key made only of digits, or with one 'e' (about 1 key in 800), used to become a number."""
-    from curate.recipes import load_recipe
-    from curate.select import select
+    from curate.stages.recipes import load_recipe
+    from curate.stages.select import select
 
     names = [f"e{i:02d}" for i in range(1, 5)]
     examples(workspace, names)
@@ -87,7 +87,7 @@ def test_recipe_parameters_keep_run_keys_as_text(workspace: Workspace) -> None:
 
 
 def test_a_recipe_header_declares_types(tmp_path: Path) -> None:
-    from curate.recipes import ParameterError, load_recipe
+    from curate.stages.recipes import ParameterError, load_recipe
 
     path = tmp_path / "mine.sql"
     path.write_text("-- name: mine\n-- parameters:\n--   key (score_run): a run\n--   n (int) = 3: how many\n"

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from curate.head import UnsupportedArchitecture, load_head
-from curate.score import open_scorer, score, score_pair
-from curate.sql import connect
-from curate.workspace import Workspace
+from curate.models.head import UnsupportedArchitecture, load_head
+from curate.models.scorer import open_scorer
+from curate.stages.score import score, score_pair
+from curate.store.sql import connect
+from curate.store.workspace import Workspace
 from conftest import SUBSET, copy_workspace
 
 pytestmark = pytest.mark.model
@@ -76,7 +77,7 @@ def test_bfloat16_head_recomputes_the_likely_logits_exactly(reference, smollm2_d
     """The bf16 head's own rounding (logits kept to 8 bits) is undone for the tokens that carry the mass."""
     import torch
 
-    from curate.head import token_signals
+    from curate.models.head import token_signals
 
     bf16_head = load_head(smollm2_dir, dtype=torch.bfloat16)
     exact_weight = bf16_head.weight.float()  # the same bf16 weights, every logit in fp32

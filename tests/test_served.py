@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from curate.sql import connect
-from curate.workspace import Workspace
+from curate.store.sql import connect
+from curate.store.workspace import Workspace
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 SUBSET = "example_id < '01'"  # 8 GSM8K problems
@@ -39,7 +39,7 @@ def free_port() -> int:
 def server(smollm2_dir: Path):
     """A real vLLM server of the bundled SmolLM2 (float32, as the in-process reference runs)."""
     pytest.importorskip("vllm")
-    from curate.served import local_server
+    from curate.models.served import local_server
 
     with local_server(smollm2_dir, name="smollm2") as url:
         yield url
@@ -124,8 +124,9 @@ def same_examples(ws: Workspace, served_key: str, exact_key: str) -> list[tuple[
 
 
 def test_greedy_traces_through_the_endpoint_equal_the_in_process_ones(server: str, fresh: Workspace, teacher) -> None:
-    from curate.generate import Sampling, generate, open_served_teacher
-    from curate.served import Endpoint
+    from curate.models.teacher import Sampling, open_served_teacher
+    from curate.stages.generate import generate
+    from curate.models.served import Endpoint
 
     served = open_served_teacher(Endpoint(server, "smollm2"))
     assert served.identity.info["root"] and served.max_len == 2048
@@ -142,10 +143,11 @@ def test_greedy_traces_through_the_endpoint_equal_the_in_process_ones(server: st
 
 
 def test_scoring_through_the_endpoint_gives_the_exact_log_probs(server: str, fresh: Workspace, vllm_scorer) -> None:
-    from curate.recipes import load_recipe
-    from curate.score import open_served_scorer, score
-    from curate.select import select
-    from curate.served import Endpoint
+    from curate.stages.recipes import load_recipe
+    from curate.models.scorer import open_served_scorer
+    from curate.stages.score import score
+    from curate.stages.select import select
+    from curate.models.served import Endpoint
 
     served = open_served_scorer(Endpoint(server, "smollm2"), top_k=5)
     score(fresh, served, where=SUBSET, progress=False)
@@ -163,10 +165,11 @@ def test_scoring_through_the_endpoint_gives_the_exact_log_probs(server: str, fre
 
 def test_a_pooling_server_gives_the_exact_signals_of_an_in_process_run(smollm2_dir: Path, fresh: Workspace, vllm_scorer) -> None:
     """Hidden states over HTTP (/pooling, token_embed, float32 in base64) through our head: the in-process numbers."""
-    from curate.recipes import load_recipe
-    from curate.score import open_served_scorer, score
-    from curate.select import bind
-    from curate.served import POOLING_ARGS, Endpoint, local_server
+    from curate.stages.recipes import load_recipe
+    from curate.models.scorer import open_served_scorer
+    from curate.stages.score import score
+    from curate.stages.select import bind
+    from curate.models.served import POOLING_ARGS, Endpoint, local_server
 
     with local_server(smollm2_dir, *POOLING_ARGS, name="smollm2") as url:
         served = open_served_scorer(Endpoint(url, "smollm2"), signals="exact", top_k=5)

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 
 from conftest import REPO, write_jsonl
-from curate import sql
+from curate.store import sql
 from curate.cli import main
-from curate.ingest import ingest
+from curate.stages.ingest import ingest
 
 QUERY = "select split, count(*) as n from examples group by split order by split"
 

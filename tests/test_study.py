@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_jsonl
-from curate.ingest import ingest
-from curate.workspace import Workspace
+from curate.stages.ingest import ingest
+from curate.store.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 
@@ -75,8 +75,10 @@ params = {{ fraction = "0.05" }}
 
 def test_a_study_meets_the_budget_resumes_and_reports_what_it_measured(tiny_model_dir: Path, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import curate.study as study
-    from curate.study import TokenCounter, load_spec, run_study
+    import curate.experiments.study.run as study
+    from curate.experiments.study.budget import TokenCounter
+    from curate.experiments.study.spec import load_spec
+    from curate.experiments.study.run import run_study
 
     ws = Workspace(tmp_path / "ws")
     ingest([str(write_jsonl(tmp_path / "apples.jsonl", CHATS))], workspace=ws, answer_style="hash", heldout_fraction=0.2, progress=False)
@@ -129,7 +131,7 @@ def test_a_study_meets_the_budget_resumes_and_reports_what_it_measured(tiny_mode
             assert f"{statistics.mean(diffs):.4f} ± {statistics.stdev(diffs):.4f}" in line
             assert f"{sum(d < 0 for d in diffs)} of 2" in line
     assert (folder / "study.png").stat().st_size > 5000
-    from curate.sql import connect
+    from curate.store.sql import connect
 
     assert connect(ws).execute("select count(*) from studies_tiny").fetchall()[0][0] == len(results)
     assert json.loads((folder / "runs" / "random" / "seed0" / "result.json").read_text())["fit"].startswith("a random subset")

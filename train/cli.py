@@ -14,8 +14,23 @@ from typing import Sequence
 
 from curate.kernel.machine import PRECISIONS
 from curate.kernel.vllm_factory import add_engine_arguments, engine_options
-from train.objectives import EKSFT_COMBINE, EKSFT_NORMALISE, QTUNING_ENTROPY, QTUNING_NORMALISE, QTUNING_SEARCH
-from train.sft import METHODS, PRESETS, SCHEDULERS, TrainConfig, configure
+from train.evaluate import evaluate
+from train.objectives import (
+    EKSFT_COMBINE,
+    EKSFT_NORMALISE,
+    QTUNING_ENTROPY,
+    QTUNING_NORMALISE,
+    QTUNING_SEARCH,
+)
+from train.sft import (
+    METHODS,
+    PRESETS,
+    SCHEDULERS,
+    TrainConfig,
+    configure,
+    run_calibrate,
+    run_sft,
+)
 
 DESCRIPTION = """\
 Fine-tune on curated Parquet (any tool's: needs a 'messages' column; honours 'loss_mask', 'input_ids',
@@ -138,21 +153,18 @@ def _print_summary(summary: dict) -> None:
 
 
 def _run_sft(args: argparse.Namespace) -> int:
-    from train.sft import run_sft
 
     _print_summary(run_sft(_config(args), progress=not args.quiet))
     return 0
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from train.sft import run_calibrate
 
     _print_summary(run_calibrate(_config(args), progress=not args.quiet))
     return 0
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from train.evaluate import evaluate
 
     metrics = evaluate(args.model, args.data, split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, engine=args.engine,
                        options=engine_options(args))

@@ -23,10 +23,23 @@ import torch
 from tqdm import tqdm
 
 from curate.kernel.atomic import staged_directory
+from curate.kernel.fingerprint import model_fingerprint, table_fingerprint
+from curate.kernel.keys import run_key
 from curate.kernel.machine import PRECISIONS, device, resolve_precision
+from curate.kernel.runs import model_names, recorded_run
 from train.data import TrainExample, load_examples, read_table, sample_fraction
-from train.objectives import (EKSFT_COMBINE, EKSFT_NORMALISE, QTUNING_ENTROPY, QTUNING_NORMALISE, QTUNING_SEARCH, Objective,
-                              eksft_objective, qtuning_objective, sft_objective, token_stats)
+from train.objectives import (
+    EKSFT_COMBINE,
+    EKSFT_NORMALISE,
+    QTUNING_ENTROPY,
+    QTUNING_NORMALISE,
+    QTUNING_SEARCH,
+    Objective,
+    eksft_objective,
+    qtuning_objective,
+    sft_objective,
+    token_stats,
+)
 
 METHODS = ("sft", "eksft", "qtuning")
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -318,9 +331,6 @@ def _run_record(config: TrainConfig, stage: str):
     import contextlib
     from types import SimpleNamespace
 
-    from curate.kernel.fingerprint import model_fingerprint, table_fingerprint
-    from curate.kernel.keys import run_key
-    from curate.kernel.runs import model_names, recorded_run
 
     workspace = find_workspace(config.data)
     if workspace is None:

@@ -22,9 +22,9 @@ SIGNALS_VERSION = "2026.12.2"
 SIGNAL_DEFINITION_FILES = (
     "curate/kernel/chat_tokens.py",
     "curate/kernel/answers.py",
-    "curate/head.py",
-    "curate/score_tables.py",
-    "curate/probe.py",
+    "curate/models/head.py",
+    "curate/store/score_tables.py",
+    "curate/stages/probe.py",
 )
 
 
@@ -45,14 +45,23 @@ def run_key(spec: Any) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def package_version() -> str:
+    """The installed version of the curate-sft distribution (the kernel reads it from the installed metadata, not
+    from ``curate``: the kernel imports nothing of the packages above it)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("curate-sft")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def code_version() -> str:
     """The package version, the signals version and, in a git checkout, the commit (for run records)."""
     import subprocess
     from pathlib import Path
 
-    import curate
-
-    version = f"curate {curate.__version__}, signals {SIGNALS_VERSION}"
+    version = f"curate {package_version()}, signals {SIGNALS_VERSION}"
     root = Path(__file__).resolve().parents[2]
     if (root / ".git").exists():
         try:

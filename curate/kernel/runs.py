@@ -3,7 +3,7 @@ starts (status ``started``) and replaced when it ends (``finished`` or ``failed`
 
 Each run's file is its own, so writers never contend for it and a reader sees the whole row or the previous
 one. A run killed outright stays ``started``; ``curate runs`` shows it as ``died`` once its process is gone.
-``curate runs`` lists the table; ``curate.run_refs`` resolves readable references (a model alias or path) to
+``curate runs`` lists the table; ``curate.store.run_refs`` resolves readable references (a model alias or path) to
 the key of that model's latest finished run.
 """
 

@@ -1,0 +1,114 @@
+"""SQL over a workspace: one DuckDB view per table, and the same tables for Polars SQL.
+
+    con = curate.store.sql.connect("ws")                    # DuckDB, views over the Parquet parts
+    con.sql("select split, count(*) from examples group by 1").pl()
+
+    ctx = curate.store.sql.polars_context("ws")             # Polars SQL over the same tables (lazy)
+    ctx.execute("select split, count(*) as n from examples group by split", eager=True)
+
+Views are made for every table found in the workspace, so tables written by later stages appear
+without any change here.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from curate.store.workspace import PART_SUFFIX, Workspace
+
+if TYPE_CHECKING:
+    import duckdb
+    import polars as pl
+
+OUTPUT_FORMATS = ("table", "csv", "parquet", "json")
+
+
+def _quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def connect(workspace: Workspace | str | Path, *, database: str = ":memory:",
+            tables: dict[str, Path] | None = None) -> "duckdb.DuckDBPyConnection":
+    """DuckDB with a view per table (``tables``: only these; default every table in the workspace)."""
+    import duckdb
+
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    if not ws.root.is_dir():
+        raise FileNotFoundError(f"workspace {ws.root} does not exist; create it with `curate ingest ... --workspace`")
+    con = duckdb.connect(database)
+    for name, folder in (ws.tables() if tables is None else tables).items():
+        pattern = _quote_literal(str(folder / f"*{PART_SUFFIX}"))
+        try:
+            con.execute(
+                f"create or replace view {_quote_identifier(name)} as "
+                f"select * from read_parquet({pattern}, union_by_name = true)"
+            )
+        except duckdb.Error as err:  # a damaged part: the other tables stay usable
+            print(f"warning: table {name} is left out: {str(err).splitlines()[0]} (see curate verify --workspace {ws.root})",
+                  file=sys.stderr)
+    return con
+
+
+def polars_context(workspace: Workspace | str | Path) -> "pl.SQLContext":
+    import polars as pl
+
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    frames = {name: pl.scan_parquet(str(folder / f"*{PART_SUFFIX}")) for name, folder in ws.tables().items()}
+    return pl.SQLContext(frames)
+
+
+def run(
+    query: str,
+    *,
+    workspace: Workspace | str | Path,
+    output_format: str = "table",
+    output: Path | None = None,
+    max_rows: int = 40,
+) -> str:
+    """Run one query; return what to print (a table, CSV or JSON), or write Parquet/CSV/JSON to ``output``."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    if output_format == "parquet" and output is None:
+        raise ValueError("--format parquet needs --output FILE")
+    con = connect(workspace)
+    relation = con.sql(query)
+    if relation is None:  # a statement with no result (e.g. `create view`)
+        return ""
+    if output is not None:
+        if output_format == "table":
+            raise ValueError("--output writes files: pick --format csv, parquet or json")
+        if output_format == "parquet":
+            relation.write_parquet(str(output))
+        elif output_format == "csv":
+            relation.write_csv(str(output))
+        else:
+            relation.pl().write_ndjson(str(output))
+        return f"wrote {output}"
+    if output_format == "table":
+        return _table_text(relation, max_rows)
+    frame = relation.pl()
+    return frame.write_csv() if output_format == "csv" else frame.write_ndjson()
+
+
+def _table_text(relation: "duckdb.DuckDBPyRelation", max_rows: int) -> str:
+    """At most ``max_rows`` rows as a readable table (fetching no more than that, however big the result)."""
+    import polars as pl
+
+    frame = relation.limit(max_rows + 1).pl()
+    more = frame.height > max_rows
+    with pl.Config(
+        tbl_rows=max_rows,
+        tbl_cols=-1,
+        fmt_str_lengths=60,
+        tbl_width_chars=160,
+        tbl_hide_column_data_types=True,
+        tbl_hide_dataframe_shape=True,
+    ):
+        text = str(frame.head(max_rows))
+    return text + (f"\n(first {max_rows} rows shown; use --max-rows or --output for more)" if more else "")

@@ -51,7 +51,7 @@ def test_help_has_an_example_and_readme_documents_it(command: list[str], capsys)
         PROGRAMS[program][1](verb + ["--help"])
     assert done.value.code == 0
     assert "example:" in capsys.readouterr().out
-    assert " ".join(command) in (REPO / "README.md").read_text()
+    assert " ".join(command) in (REPO / "docs" / "commands.md").read_text()
 
 
 def test_cli_ingest_prints_counts(tmp_path: Path, capsys) -> None:

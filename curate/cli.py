@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from curate.kernel import logs
 from curate.kernel.answers import STYLES
 from curate.kernel.lock import WorkspaceBusy
 from curate.kernel.vllm_factory import add_engine_arguments, engine_options
@@ -49,6 +50,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
+    if args.verbose:
+        os.environ[logs.ENV] = "info"  # for the processes this one starts too (a vllm serve, Ray workers)
+    try:
+        logs.quiet_libraries()  # before vLLM, transformers or Ray load: they read their levels on import
+    except ValueError as err:  # a bad CURATE_LOG
+        print(f"curate: error: {err}", file=sys.stderr)
+        return 2
 
     try:
         return args.handler(args) or 0
@@ -62,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curate", description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show vLLM's, Ray's and transformers' INFO logs (default: their warnings and errors only; "
+                             "or set CURATE_LOG=info|debug)")
     verbs = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_ingest(verbs)
     _add_sql(verbs)

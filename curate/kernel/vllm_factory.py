@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from curate.kernel.logs import quiet_libraries, verbose
 from curate.kernel.machine import device
 
 GPU_SHARE = 0.85  # what one engine alone claims of a GPU
@@ -106,11 +107,14 @@ def machine_settings() -> dict[str, Any]:
 
 def open_llm(model_dir: str, *, dtype: str, max_len: int, options: EngineOptions | None = None, together: int = 1,
              **settings: Any) -> Any:
-    """A ``vllm.LLM`` for ``model_dir``. ``settings`` are the caller's own (``runner="pooling"``, ...)."""
+    """A ``vllm.LLM`` for ``model_dir``. ``settings`` are the caller's own (``runner="pooling"``, ...).
+    vLLM speaks at curate's log level (WARNING unless ``--verbose``: curate.kernel.logs), its weight-loading
+    bar only when verbose."""
+    quiet_libraries()  # before vLLM's first import where this is it; its logger's level where it was imported already
     from vllm import LLM
 
     options = options or EngineOptions()
-    arguments: dict[str, Any] = {**machine_settings(), **settings}
+    arguments: dict[str, Any] = {"use_tqdm_on_load": verbose(), **machine_settings(), **settings}
     if device() == "cuda":
         import torch
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, Sequence
 
 from curate.kernel.keys import run_key
+from curate.kernel.logs import library_environment
 
 # what `vllm serve` needs to return every token's final hidden state (/pooling): exact signals through our head
 POOLING_ARGS = ("--runner", "pooling", "--pooler-config", '{"task": "token_embed", "use_activation": false}')
@@ -207,7 +208,8 @@ def local_server(model_dir: str | Path, *extra: str, name: str, dtype: str = "fl
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    # the server speaks at curate's log level (warnings and errors only unless --verbose): its log stays short
+    env = {**os.environ, **library_environment(), "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name", name,
                "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len),
                "--enforce-eager", *extra]

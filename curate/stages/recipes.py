@@ -7,7 +7,7 @@
     --   base_key (score_run): the base model's scoring run (required: no default)
     --   trim (float) = 0.1: share dropped at each end by ΔNLL
     -- audits: duplicate_example_id, unknown_example_id, mask_length_differs   (optional: default all)
-    -- needs: entropy   (optional: signals its scoring runs must have; a run scored through a server has none)
+    -- needs: scores, entropy   (every signal it reads; see NEEDS)
     -- output: example_id, ...
 
 Parameters are bound by DuckDB (``$trim`` in the SQL), never by string formatting, with the type the header
@@ -16,6 +16,9 @@ declares: ``text``, ``int``, ``float``, ``bool``, or a run reference (``score_ru
 alias or path: that model's latest finished run) that ``curate.store.run_refs`` turns into the key. A parameter
 without a declared type is ``int`` or ``float`` when its default reads as one, else ``text``: a value given on
 the command line is never guessed into a number (a run key such as ``1234e567`` stays text).
+
+``needs`` names every signal the recipe reads, from ``NEEDS``; ``curate select`` refuses a run that lacks one
+(an IFD recipe on a run scored without ``--ifd``), and a study prepares them (or refuses its spec first).
 """
 
 from __future__ import annotations
@@ -34,6 +37,17 @@ TYPES = ("text", "int", "float", "bool", *RUN_TYPES)
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
 
 Resolver = Callable[[str, str, str], str]  # (run type, parameter name, reference) -> run key
+
+# what a recipe may read, and the step that makes it (a recipe header's `needs:` names them)
+NEEDS = {
+    "scores": "a scoring run (sample_scores, token_scores: log-probs and token counts): `curate score --model M`",
+    "entropy": "full-vocabulary entropy: a run scored in-process (`curate score --model M`), not through a server's prompt log-probs",
+    "ifd": "IFD (the reply scored without its instruction too): `curate score --model M --ifd`",
+    "calibrated": "a calibrated model's scoring run beside the base model's: `curate score --pair BASE CALIBRATED`",
+    "kl": "pair scores (KL between a base and a calibrated model): `curate score --pair BASE CALIBRATED`",
+    "probe": "the answer-entropy probe: `curate probe --model M`",
+    "traces": "teacher traces and their best-of-n choice (best_traces): `curate generate --teacher T --from ...`",
+}
 
 
 class ParameterError(ValueError):
@@ -75,7 +89,7 @@ class Recipe:
     parameters: dict[str, Parameter] = field(default_factory=dict)
     sql: str = ""
     audits: tuple[str, ...] | None = None  # the audits its header declares (None: all of them)
-    needs: tuple[str, ...] = ()  # signals its scoring runs must have beyond log-probs: entropy (and kl via pair runs)
+    needs: tuple[str, ...] = ()  # every signal it reads (names from NEEDS)
 
     @property
     def sql_hash(self) -> str:
@@ -148,6 +162,9 @@ def load_recipe(spec: str | Path) -> Recipe:
             header[last] += " " + line.lstrip("- ").strip()
     audits = tuple(a.strip() for a in header["audits"].split(",") if a.strip()) if "audits" in header else None
     needs = tuple(a.strip() for a in header.get("needs", "").split(",") if a.strip())
+    unknown = sorted(set(needs) - set(NEEDS))
+    if unknown:
+        raise ParameterError(f"{path.name}: unknown need(s) {unknown} in its header; a recipe needs any of: {', '.join(NEEDS)}")
     return Recipe(path, header.get("name", path.stem), header.get("description", ""), header.get("grain", ""),
                   header.get("output", ""), parameters, text, audits, needs)
 

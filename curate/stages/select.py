@@ -33,7 +33,7 @@ from curate.kernel.chat_tokens import with_reply
 from curate.kernel.fingerprint import table_fingerprint
 from curate.kernel.keys import run_key
 from curate.kernel.runs import recorded_run
-from curate.stages.recipes import Recipe
+from curate.stages.recipes import NEEDS, RUN_TYPES, Recipe
 from curate.store.run_refs import resolve
 from curate.store.schema import MESSAGE
 from curate.store.sql import connect
@@ -98,15 +98,51 @@ def bind(workspace: Workspace, recipe: Recipe, params: dict[str, str]) -> dict[s
     """The recipe's parameters, typed, with run references turned into keys (checked before anything runs)."""
 
     bound = recipe.bind(params, lambda kind, name, value: resolve(workspace, kind, value, parameter=name))
-    if "entropy" in recipe.needs and "token_scores" in workspace.tables():
-        _require_exact(workspace, recipe, {n: bound[n] for n, p in recipe.parameters.items() if p.kind == "score_run" and n in bound})
+    require_needs(workspace, recipe, bound)
     return bound
 
 
-def _require_exact(workspace: Workspace, recipe: Recipe, keys: dict[str, Any]) -> None:
+# need -> (the run type whose parameters must have it, {table holding it: the condition on a run's rows there})
+_HAS = {
+    "scores": ("score_run", {"sample_scores": "score_key = $key", "token_scores": "score_key = $key"}),
+    "ifd": ("score_run", {"sample_scores": "score_key = $key and ifd is not null",
+                          "token_scores": "score_key = $key and variant = 'response_only'"}),
+    "kl": ("pair_run", {"pair_scores": "pair_key = $key"}),
+    "probe": ("probe_run", {"probe_scores": "probe_key = $key"}),
+    "traces": ("generate_run", {"best_traces": "gen_key = $key"}),
+}
+
+
+def require_needs(workspace: Workspace, recipe: Recipe, bound: dict[str, Any]) -> None:
+    """Refuse, before the recipe runs, a run that lacks a signal the recipe's header says it reads (an IFD recipe on
+    a run scored without ``--ifd``, an entropy recipe on a server's prompt log-probs); the error names the step."""
+
+    runs = {n: (p.kind, bound[n]) for n, p in recipe.parameters.items() if p.kind in RUN_TYPES and n in bound}
+    tables = workspace.tables()
+    con = connect(workspace)
+    for need in recipe.needs:
+        if need == "entropy" and "token_scores" in tables:
+            _require_exact(con, recipe, {n: key for n, (kind, key) in runs.items() if kind == "score_run"})
+        elif need == "calibrated":
+            scored = [(n, key) for n, (kind, key) in runs.items() if kind == "score_run"]
+            if len({key for _, key in scored}) < 2:
+                listed = ", ".join(f"{n} = {key}" for n, key in scored) or "none"
+                raise ValueError(f"{recipe.path.name} needs {NEEDS[need]}; its scoring runs ({listed}) are one run: pass the "
+                                 "calibrated model's run")
+        elif need in _HAS:
+            kind, conditions = _HAS[need]
+            for name, (given_kind, key) in runs.items():
+                present = [t for t in conditions if t in tables]
+                if given_kind == kind and not any(
+                        con.execute(f"select exists (select 1 from {t} where {conditions[t]})", {"key": key}).fetchall()[0][0]
+                        for t in present):
+                    raise ValueError(f"{recipe.path.name} needs {need}, and {name} = {key} has none (in "
+                                     f"{' or '.join(conditions)}): {NEEDS[need]}, then select again")
+
+
+def _require_exact(con: Any, recipe: Recipe, keys: dict[str, Any]) -> None:
     """Refuse a scoring run without full-vocabulary entropy (scored through a server's prompt log-probs)."""
 
-    con = connect(workspace)
     for name, key in keys.items():
         found = {s for (s,) in con.execute("select distinct signals from token_scores where score_key = ?", [key]).fetchall()}
         if "logprob-only" in found:

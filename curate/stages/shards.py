@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
+from curate.kernel.logs import ENV, level, python_level, quiet_libraries, verbose
 from curate.store.examples import example_batches
 from curate.store.workspace import Workspace
 
@@ -89,7 +90,13 @@ def connect(address: str | None) -> Any:
     """Join a cluster (``auto``: the one running on this machine, or an address) or start a local one."""
     ray = require_ray()
     if not ray.is_initialized():
-        options = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
+        # Ray and its workers at curate's log level (curate.kernel.logs); a replica's own output reaches this
+        # terminal only with --verbose (its errors come back with the task that failed, in full, either way)
+        quiet_libraries()
+        options = {"include_dashboard": False, "log_to_driver": verbose(), "ignore_reinit_error": True,
+                   "logging_level": python_level()}
+        if verbose():  # a cluster started elsewhere does not have this process's environment
+            options["runtime_env"] = {"env_vars": {ENV: level()}}
         if address:
             ray.init(address=address, **options)
         else:
@@ -102,7 +109,7 @@ def connect(address: str | None) -> Any:
     context.enable_progress_bars = False  # curate's own bar counts tokens
     context.print_on_execution_start = False
     context.issue_detectors_config.detectors = []  # its memory advice is about Ray's booking, not a fault
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(python_level())
     return ray
 
 

@@ -5,13 +5,16 @@ Where a key is asked for (a recipe's ``base_key``, ``curate plot --score-key``),
 - a run id from ``curate runs``;
 - a model: an alias (``smollm2``), a checkpoint path, or its folder's name; it means that model's latest
   finished run of the kind asked for. A pair run is named by its calibrated model, or ``BASE,CALIBRATED``.
-A reference that matches runs of more than one model is an error that lists them; one that matches nothing
-lists what there is.
+A reference resolves by what a run is, not by the label it was started with: runs that carry the same key, or
+whose models have the same fingerprint (weights, config, tokenizer and template), are runs of one model, however
+each was named (an alias in one run, its resolved path in another). A reference that matches runs of more than
+one model is an error that lists them; one that matches nothing lists what there is.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +40,11 @@ class ReferenceError(LookupError):
 @dataclass(frozen=True)
 class Candidate:
     key: str
-    model: str  # the model's resolved path (what makes two candidates the same model)
+    model: str  # the model's resolved path, as shown to the user
     names: tuple[str, ...]
     finished_at: Any
     run_id: str
+    identity: str = ""  # what the model is: its fingerprint where the run recorded one, else its path
 
 
 def read_runs(workspace: Workspace) -> list[dict[str, Any]]:
@@ -64,15 +68,46 @@ def _candidates(runs: list[dict[str, Any]], kind: str) -> list[Candidate]:
         if run["stage"] == "pair" and kind == "score_run":  # a pair run scored both of its models
             for side in ("base", "calibrated"):
                 model = parameters[side]
-                found.append(Candidate(model["key"], model["path"], _names(model), run["finished_at"], run["run_id"]))
+                found.append(Candidate(model["key"], model["path"], _names(model), run["finished_at"], run["run_id"], _identity(model)))
         elif run["stage"] == "pair":
             base, calibrated = parameters["base"], parameters["calibrated"]
             names = _names(calibrated) + tuple(f"{b},{c}" for b in _names(base) for c in _names(calibrated))
-            found.append(Candidate(run["key"], f"{base['path']},{calibrated['path']}", names, run["finished_at"], run["run_id"]))
+            found.append(Candidate(run["key"], f"{base['path']},{calibrated['path']}", names, run["finished_at"], run["run_id"],
+                                   f"{_identity(base)},{_identity(calibrated)}"))
+        elif run["stage"] == "score" and parameters.get("models"):  # a single-model scoring run: its model as recorded
+            model = parameters["models"][0]
+            found.append(Candidate(run["key"], model.get("path") or model["model"], tuple(run["models"] or ()) or _names(model),
+                                   run["finished_at"], run["run_id"], _identity(model)))
         else:
             path = parameters.get("path") or (run["models"] or [""])[0]
-            found.append(Candidate(run["key"], path, tuple(run["models"] or ()), run["finished_at"], run["run_id"]))
+            fingerprints = list(json.loads(run["fingerprints"] or "{}").values())
+            identity = f"fingerprint:{fingerprints[0]}" if len(fingerprints) == 1 else f"path:{path}"
+            found.append(Candidate(run["key"], path, tuple(run["models"] or ()), run["finished_at"], run["run_id"], identity))
     return found
+
+
+def _identity(model: dict[str, Any]) -> str:
+    """What a recorded model is: the fingerprint in its run spec, else its resolved path."""
+    spec = model.get("spec")
+    fingerprint = (spec.get("model") or {}).get("fingerprint") if isinstance(spec, dict) else None
+    return f"fingerprint:{fingerprint}" if fingerprint else f"path:{model.get('path') or model.get('model')}"
+
+
+def _models(matching: list[Candidate]) -> list[list[Candidate]]:
+    """The matching runs grouped by the model they are runs of: two runs are of one model when they carry the
+    same key or the same model identity (so an alias in one run and its path in another are one model)."""
+    groups: list[tuple[set[str], list[Candidate]]] = []
+    for candidate in matching:
+        labels = {f"key:{candidate.key}", candidate.identity or f"path:{candidate.model}"}
+        joined = [g for g in groups if g[0] & labels]
+        merged = (labels.union(*(g[0] for g in joined)), [candidate] + [c for g in joined for c in g[1]])
+        groups = [g for g in groups if not any(g is j for j in joined)] + [merged]
+    return [members for _, members in groups]
+
+
+def _spellings(names: tuple[str, ...]) -> set[str]:
+    """A run's names, with each path also as the real path it points to (a cache entry may be a link)."""
+    return set(names) | {os.path.realpath(n) for n in names if os.path.isabs(n)}
 
 
 def _names(model: dict[str, Any]) -> tuple[str, ...]:
@@ -102,7 +137,7 @@ def resolve(workspace: Workspace, kind: str, reference: str, *, parameter: str =
     spellings = {reference}
     if Path(reference).expanduser().exists():
         spellings.add(str(Path(reference).expanduser().resolve()))
-    matching = [c for c in candidates if spellings & set(c.names)]
+    matching = [c for c in candidates if spellings & _spellings(c.names)]
     label = f"{parameter} = {reference!r}" if parameter else repr(reference)
     if not matching:
         known = sorted({c.names[0] for c in candidates})
@@ -111,9 +146,10 @@ def resolve(workspace: Workspace, kind: str, reference: str, *, parameter: str =
             f"{', '.join(sorted(keys)[:8]) or 'none'}) or a model with a finished run ({', '.join(known) or 'none'}); "
             "`curate runs` lists them"
         )
-    models = sorted({c.model for c in matching})
+    models = _models(matching)
     if len(models) > 1:
-        listed = "; ".join(f"{m} (key {max((c for c in matching if c.model == m), key=lambda c: c.finished_at).key})" for m in models)
+        latest = sorted((max(group, key=lambda c: c.finished_at) for group in models), key=lambda c: c.model)
+        listed = "; ".join(f"{c.model} (key {c.key})" for c in latest)
         raise ReferenceError(f"{label} is ambiguous: it matches runs of {len(models)} models: {listed}. "
                              "Name the model by its path, or give the key")
     return max(matching, key=lambda c: c.finished_at).key

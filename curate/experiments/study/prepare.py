@@ -17,7 +17,6 @@ from curate.stages.generate import generate
 from curate.stages.probe import probe
 from curate.stages.recipes import load_recipe
 from curate.stages.score import pair_key, score, score_pair
-from curate.stages.select import select
 from curate.store.examples import example_predicate
 from curate.store.sql import connect
 from curate.store.workspace import Workspace
@@ -40,16 +39,53 @@ class Keys:
         return {"pair_run": self.pair, "probe_run": self.probe, "generate_run": self.traces}.get(kind)
 
 
-def prepare(workspace: Workspace, spec: StudySpec, folder: Path, *, progress: bool) -> Keys:
-    """Score, calibrate and pair-score, probe, and make traces as the spec's ``prepare`` asks (resumable)."""
+# a recipe's need (curate.stages.recipes.NEEDS) -> the [prepare] step that makes it
+STEP_OF_NEED = {"scores": "score", "entropy": "score", "ifd": "score", "calibrated": "calibrate", "kl": "calibrate",
+                "probe": "probe", "traces": "traces"}
 
-    steps = spec.prepare
+
+def planned_steps(spec: StudySpec) -> dict[str, object]:
+    """The spec's ``[prepare]`` with what its arms' recipes need (their ``needs:`` headers) added: ``score`` (with
+    ``ifd`` when an arm reads IFD) and ``probe`` are turned on; ``calibrate`` and ``traces`` train or generate with
+    settings of their own, so an arm that needs them without them refuses the spec, as does a step it needs that the
+    spec turned off. Checked before any model loads."""
+
+    steps = dict(spec.prepare)
+    for arm in spec.arms:
+        recipe = load_recipe(arm.recipe) if arm.recipe else None
+        for need in recipe.needs if recipe else ():
+            step = STEP_OF_NEED[need]
+            if need in ("scores", "entropy") and steps.get("calibrate"):
+                continue  # the pair run scores the base model too
+            reason = f"study {spec.name}: arm {arm.name!r} (recipe {recipe.name}) needs {need}"
+            if steps.get(step) is False or (need == "ifd" and steps.get("ifd") is False):
+                raise ValueError(f"{reason}, and [prepare] sets {'ifd' if need == 'ifd' else step} = false: remove that line, "
+                                 "or the arm")
+            if step in ("score", "probe"):
+                steps.setdefault(step, True)
+            elif not steps.get(step):
+                example = "{ fraction = 0.1, seed = 42 }" if step == "calibrate" else "{ n = 1, temperature = 0.0, max_tokens = 256 }"
+                raise ValueError(f"{reason}: add `{step} = {example}` (or `{step} = true`) under [prepare]")
+            if need == "ifd":
+                steps["ifd"] = True
+    if steps.get("traces") and steps.get("probe") is False:
+        raise ValueError(f"study {spec.name}: prepare.traces generates for the probe's hard examples: set prepare.probe = true too")
+    if steps.get("traces"):
+        steps.setdefault("probe", True)
+    return steps
+
+
+def prepare(workspace: Workspace, spec: StudySpec, folder: Path, *, progress: bool) -> Keys:
+    """Score, calibrate and pair-score, probe, and make traces as the spec's ``prepare`` asks, and what its arms'
+    recipes need (``planned_steps``: refused before any model loads when a step is missing; resumable)."""
+
+    steps = planned_steps(spec)
     keys = Keys()
     options = {"engine": spec.engine, "dtype": spec.dtype}
     if steps.get("score", True) or steps.get("calibrate") or steps.get("probe"):
         base = open_scorer(spec.model, **options)
         if steps.get("score", True):
-            keys.score = score(workspace, base, where=spec.pool, progress=progress).key
+            keys.score = score(workspace, base, where=spec.pool, ifd=bool(steps.get("ifd")), progress=progress).key
         if steps.get("probe"):
             keys.probe = probe(workspace, base, where=spec.pool, progress=progress).key
         base.close()
@@ -69,15 +105,23 @@ def prepare(workspace: Workspace, spec: StudySpec, folder: Path, *, progress: bo
     if steps.get("traces"):
         settings = dict(steps["traces"]) if isinstance(steps["traces"], dict) else {}
         if keys.probe is None:
-            raise ValueError("prepare.traces generates for the probe's hard examples: set prepare.probe = true too")
-        hard = f"study_{spec.name}_probe_hard"
-        select(workspace, load_recipe("probe_hard"), name=hard, params={"probe_key": keys.probe, "split": settings.pop("split", "pool")})
+            raise ValueError("prepare.traces generates for the probed examples: set prepare.probe = true too")
+        probed = probed_examples(keys.probe, split=settings.pop("split", "pool"))
         teacher = open_teacher(settings.pop("teacher", spec.model), dtype=spec.dtype, max_len=settings.pop("max_len", 2048))
         sampling = Sampling(n=settings.pop("n", 1), temperature=settings.pop("temperature", 0.0), max_tokens=settings.pop("max_tokens", 256))
-        keys.traces = generate(workspace, teacher, source=hard, sampling=sampling, progress=progress).key
+        keys.traces = generate(workspace, teacher, source=probed, sampling=sampling, progress=progress).key
         teacher.close()
         choose_best(workspace, keys.traces, rule="shortest")
     return keys
+
+
+def probed_examples(probe_key: str, *, split: str) -> str:
+    """What the teacher answers (``generate --from``): every example of ``split`` the probe read validly, not only
+    the hard ones: complexity-aware stage 1 trains the teacher's parsed answers of the easy and middle examples
+    (Qwen_train_test_sft.py:184), stage 2 its traces of the hard ones."""
+    quoted = [value.replace("'", "''") for value in (probe_key, split)]
+    return ("select p.example_id from probe_scores p join examples e using (example_id) "
+            f"where p.probe_key = '{quoted[0]}' and p.is_valid and e.split = '{quoted[1]}'")
 
 
 def resolve_model(model: str) -> str:

@@ -7,7 +7,7 @@
 --   band (text) = max: min or max
 --   fraction (float) = 0.1: share of the scored examples to keep
 --   split (text) = pool: which split to draw from
--- needs: entropy
+-- needs: scores, entropy
 -- output: example_id, mean_entropy, n_response_tokens, bucket
 
 with band as (

@@ -7,6 +7,7 @@
 --   score_key (score_run): the scoring run (sample_scores.score_key) that ran with --ifd
 --   fraction (float) = 0.1: share of the scored examples to keep
 --   split (text) = pool: which split to draw from
+-- needs: scores, ifd
 -- output: example_id, ifd, n_response_tokens, bucket
 
 with scored as (

@@ -18,7 +18,7 @@
 --   budget (text) = tokens: tokens (the code) or samples (the paper's text)
 --   include_end_of_turn (bool) = false: count the end-of-turn token in the means and the budget
 --   split (text) = pool: which split to draw from
--- needs: entropy
+-- needs: scores, entropy, calibrated
 -- output: example_id, diff_nll, diff_entropy, n_response_tokens, bucket
 
 with base as (

@@ -6,6 +6,7 @@
 --   score_key (score_run): the scoring run whose sample_scores give n_response_tokens
 --   fraction (float) = 0.1: share of the scored examples to keep
 --   split (text) = pool: which split to draw from
+-- needs: scores
 -- output: example_id, n_response_tokens, bucket
 
 with scored as (

@@ -7,6 +7,7 @@
 --   band (text) = mid: min, mid or max
 --   fraction (float) = 0.1: share of the scored examples to keep
 --   split (text) = pool: which split to draw from
+-- needs: scores
 -- output: example_id, ppl, n_response_tokens, bucket
 
 with band as (

@@ -7,6 +7,7 @@
 --   probe_key (probe_run): the probe run (probe_scores.probe_key)
 --   high_quantile (float) = 0.75: hard at or above this quantile (use the same value in complexity_split)
 --   split (text) = pool: which split to draw from
+-- needs: probe
 -- output: example_id, entropy_norm, bucket
 
 with probed as (

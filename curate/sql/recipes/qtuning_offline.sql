@@ -11,34 +11,62 @@
 --   per example, prompt included); the positions of dropped examples count as removed; the rest is removed
 --   from the response tokens of Q2 and Q2-like examples, highest s_t = (1 - smoothing) ppl_t + smoothing
 --   (ppl_{t-1} + ppl_{t+1}) first, a prompt position having ppl 1 and one before the start or past the end
---   0; ties to the earlier example, then the earlier token. The end-of-turn token is a response token like
---   the others (the reference may prune it). Rounding halves to even, as the reference's Python round.
---   A Q2 example that loses every response token trains nothing: select drops it, counted.
--- grain: one row per kept example; Q2 and Q2-like rows carry a token mask
+--   0; ties to the earlier example, then the earlier token. At r_token = 1.0 no token is pruned, whatever
+--   the budget says (the reference prunes only when token_ratio != 1.0, trainer.py:683). Response tokens
+--   are the reference's labels: its chatml template labels the assistant's whole slot, `{content}<|im_end|>\n`,
+--   so the end-of-turn token and the newline after it are response tokens like the others, in the PPL and
+--   prunable (span = slot: every token of the reply's turn from its content on; span = content_eot: the
+--   content and the end-of-turn token, as token_scores marks them). Under span = slot every kept row carries
+--   its mask (so a trainer trains the newline of Q4 rows too). Rounding halves to even, as the reference's
+--   Python round. A Q2 example that loses every response token trains nothing: select drops it, counted.
+-- grain: one row per kept example; Q2 and Q2-like rows carry a token mask (every kept row under span = slot)
 -- parameters:
---   score_key (score_run): the scoring run (token_scores and sample_scores)
+--   score_key (score_run): the scoring run (token_scores)
 --   r_sample (float) = 0.25: share of the examples kept (the paper's headline run)
 --   r_token (float) = 0.5: with r_sample, the share of the pool's positions kept
 --   smoothing (float) = 0.5: lambda, the neighbours' weight in the token score
 --   entropy_over (text) = all: all (the reference) or response
 --   search (text) = last: last (the reference) or best-under
+--   span (text) = slot: slot (the reference's labels, the newline after the end-of-turn token included) or content_eot
 --   split (text) = pool: which split to draw from
 -- audits: duplicate_example_id, unknown_example_id, mask_length_differs, mask_with_replaced_answer
--- needs: entropy
+-- needs: scores, entropy
 -- output: example_id, bucket, alpha, ppl, mean_entropy, token_ids, is_response, loss_mask, n_response_tokens
 
-with recursive scored as (
-    select
-        t.example_id, t.token_ids, t.is_response, t.logprob, t.n_tokens, s.ppl, s.n_response_tokens,
-        case
-            when $entropy_over = 'all' then list_avg(t.entropy)
-            when $entropy_over = 'response' then s.mean_entropy
-            else error('entropy_over must be all or response, got ' || $entropy_over)
-        end as mean_entropy
+with recursive joined as (
+    select t.example_id, t.token_ids, t.is_response as content_eot, t.message_index,
+           coalesce(t.is_end_of_turn, list_transform(t.is_response, lambda r: false)) as is_end_of_turn, t.logprob, t.entropy, t.n_tokens
     from token_scores t
-    join sample_scores s on s.example_id = t.example_id and s.score_key = t.score_key
     join examples e on e.example_id = t.example_id
     where t.score_key = $score_key and t.variant = 'chat' and e.split = $split
+),
+
+-- the span: slot adds the tokens after each end-of-turn token inside its own turn (chatml: the newline)
+spanned as (
+    select
+        * exclude (content_eot, turn_ends),
+        case
+            when $span = 'content_eot' then content_eot
+            when $span = 'slot' then list_transform(generate_series(1, len(token_ids)), lambda i:
+                coalesce(content_eot[i], false)
+                or coalesce(len(list_filter(turn_ends, lambda p: p < i and message_index[p] = message_index[i])) > 0, false))
+            else error('span must be slot or content_eot, got ' || $span)
+        end as is_response
+    from (select *, list_filter(generate_series(1, len(token_ids)), lambda p: is_end_of_turn[p]) as turn_ends from joined)
+),
+
+-- per example, over its response tokens as sample_scores averages them: PPL, their count, and the entropy
+scored as (
+    select
+        example_id, token_ids, is_response, logprob, n_tokens,
+        exp(-list_avg(list_where(logprob, is_response))) as ppl,
+        len(list_filter(is_response, lambda r: r)) as n_response_tokens,
+        case
+            when $entropy_over = 'all' then list_avg(entropy)
+            when $entropy_over = 'response' then list_avg(list_where(entropy, is_response))
+            else error('entropy_over must be all or response, got ' || $entropy_over)
+        end as mean_entropy
+    from spanned
 ),
 
 pool as (
@@ -122,10 +150,10 @@ filled as (
 ),
 
 budget as (
-    select greatest(0,
+    select case when $r_token = 1.0 then 0 else greatest(0,
         (sum(n_tokens - 1) - round_even(sum(n_tokens - 1) * $r_sample * $r_token, 0))
         - coalesce(sum(n_tokens - 1) filter (where bucket is null), 0)
-    ) as remaining
+    ) end as remaining
     from filled
 ),
 
@@ -163,9 +191,9 @@ dropped as (
 final as (
     select
         filled.example_id, filled.bucket, filled.alpha, filled.ppl, filled.mean_entropy,
-        case when filled.bucket in ('q2', 'q2_fill') then filled.token_ids end as token_ids,
-        case when filled.bucket in ('q2', 'q2_fill') then filled.is_response end as is_response,
-        case when filled.bucket in ('q2', 'q2_fill') then
+        case when filled.bucket in ('q2', 'q2_fill') or $span = 'slot' then filled.token_ids end as token_ids,
+        case when filled.bucket in ('q2', 'q2_fill') or $span = 'slot' then filled.is_response end as is_response,
+        case when filled.bucket in ('q2', 'q2_fill') or $span = 'slot' then
             list_transform(generate_series(1, len(filled.is_response)), lambda i:
                 case when i > 1 and filled.is_response[i] and not list_contains(coalesce(dropped.positions, []), i) then 1 else 0 end
             )::tinyint[]

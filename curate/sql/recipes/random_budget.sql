@@ -7,6 +7,7 @@
 --   budget_tokens (int): response tokens to spend (e.g. what another selection kept)
 --   seed (int) = 0: changes the random order
 --   split (text) = pool: which split to draw from
+-- needs: scores
 -- output: example_id, n_response_tokens, bucket
 
 with scored as (

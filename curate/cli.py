@@ -191,9 +191,11 @@ def _add_ingest(verbs: argparse._SubParsersAction) -> None:
     parser.add_argument("--answer-field", help="fill reference_answer from this source field instead")
     parser.add_argument(
         "--heldout-fraction",
-        type=float,
-        help="share of examples put in the 'heldout' split, by hash (default 0; gsm8k: 0.25)",
+        metavar="SHARE",
+        help="share of examples put in the 'heldout' split, by hash: 0 to 1 or a percentage (default 0; gsm8k: 0.25)",
     )
+    parser.add_argument("--split", choices=("pool", "heldout"),
+                        help="put every row of these files in this split (a separate evaluation file: --split heldout)")
     parser.add_argument("--max-row-bytes", type=int, default=1 << 20, help="reject rows larger than this (default 1 MiB)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -219,6 +221,7 @@ def _run_ingest(args: argparse.Namespace) -> int:
         answer_style=args.answer_style,
         answer_field=args.answer_field,
         heldout_fraction=args.heldout_fraction,
+        split=args.split,
         max_row_bytes=args.max_row_bytes,
         progress=not args.quiet,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -164,3 +165,68 @@ def test_builtin_gsm8k_split_and_answers(workspace) -> None:
     # the split is a pure function of the id, so it is the same on every machine and every run
     mismatched = [r for r in con.sql("select example_id, split from examples").fetchall() if split_of(r[0], 0.25) != r[1]]
     assert mismatched == []
+
+
+# ---- whole files in one split -------------------------------------------------------------------------------
+
+
+def _chats(first: int, count: int) -> list[dict]:
+    return [{"prompt": f"What is {i} + {i}?", "completion": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(first, first + count)]
+
+
+def test_a_file_ingested_with_split_heldout_is_held_out_whole(tmp_path: Path, workspace) -> None:
+    from curate.cli import main
+
+    pool, evaluation = write_jsonl(tmp_path / "train.jsonl", _chats(0, 30)), write_jsonl(tmp_path / "eval.jsonl", _chats(100, 12))
+    assert main(["ingest", str(pool), "-w", str(workspace.root), "--split", "pool", "--quiet"]) == 0
+    assert main(["ingest", str(evaluation), "-w", str(workspace.root), "--split", "heldout", "--quiet"]) == 0
+    rows = examples(workspace)
+    by_origin = {json.loads(r["meta"])["origin"]["file"]: set() for r in rows}
+    for row in rows:
+        by_origin[json.loads(row["meta"])["origin"]["file"]].add(row["split"])
+    assert by_origin == {str(pool): {"pool"}, str(evaluation): {"heldout"}}
+    assert len(rows) == 42
+    assert 0 < sum(split_of(r["example_id"], 0.25) == "heldout" for r in rows)  # a share by id would have mixed them
+
+
+def test_an_example_never_changes_split_on_reingest(tmp_path: Path, workspace) -> None:
+    """Re-ingesting a row with another split is an error naming it, with nothing written (not a silent move)."""
+    from curate.stages.ingest import IngestConflict
+
+    source = write_jsonl(tmp_path / "eval.jsonl", _chats(0, 10))
+    ingest([str(source)], workspace=workspace, split="heldout", progress=False)
+    before = examples(workspace)
+    grown = write_jsonl(tmp_path / "more.jsonl", _chats(0, 10) + _chats(50, 5))  # the same 10 plus 5 new, as pool
+    with pytest.raises(IngestConflict, match=r"10 example\(s\) are already in .* split 'heldout' .* 'pool' and None with these options"):
+        ingest([str(grown)], workspace=workspace, split="pool", progress=False)
+    moved = sum(split_of(r["example_id"], 0.5) == "pool" for r in before)
+    with pytest.raises(IngestConflict, match=rf"^{moved} example"):  # a share drawn by id would move these
+        ingest([str(source)], workspace=workspace, heldout_fraction=0.5, progress=False)
+    assert examples(workspace) == before  # nothing written
+    again = ingest([str(source)], workspace=workspace, split="heldout", progress=False)
+    assert (again.added, again.already_present) == (0, 10)
+
+
+@pytest.mark.parametrize(("value", "share"), [("0.25", 0.25), ("25%", 0.25), ("1", 1.0), ("0", 0.0), (0.5, 0.5)])
+def test_heldout_fraction_takes_a_share_or_a_percentage(tmp_path: Path, workspace, value, share: float) -> None:
+    source = write_jsonl(tmp_path / "chats.jsonl", _chats(0, 40))
+    report = ingest([str(source)], workspace=workspace, heldout_fraction=value, progress=False)
+    expected = sum(split_of(r["example_id"], share) == "heldout" for r in examples(workspace))
+    assert report.splits.get("heldout", 0) == expected
+    if share == 1.0:
+        assert expected == 40
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--heldout-fraction", "25"], r"'25'.*from 0 to 1.*looks like a percentage: write 0.25 or 25%"),
+    (["--heldout-fraction", "-0.1"], r"'-0.1'.*from 0 to 1"),
+    (["--heldout-fraction", "half"], r"'half'.*from 0 to 1 \(0.25\) or as a percentage"),
+    (["--heldout-fraction", "0.2", "--split", "heldout"], "not both"),
+])
+def test_a_bad_split_option_is_a_clear_error(tmp_path: Path, workspace, capsys, argv: list[str], message: str) -> None:
+    from curate.cli import main
+
+    source = write_jsonl(tmp_path / "chats.jsonl", _chats(0, 3))
+    assert main(["ingest", str(source), "-w", str(workspace.root), "--quiet", *argv]) == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not workspace.has_table("examples")

@@ -7,8 +7,13 @@ naming its file, line/row and reason; it never stops the run.
 An ingest is all or nothing: its parts are written to a hidden staging folder and moved into the tables at
 the end, so a killed ingest leaves nothing a later command reads, and a re-run does the whole of it. An
 example that is already in the workspace with another split or reference answer (it was ingested with
-other ``--heldout-fraction``, ``--extract-answer`` or ``--answer-field`` values) refuses the ingest, with
-nothing written: a split must never change under scores and selections made from it.
+other ``--split``, ``--heldout-fraction``, ``--extract-answer`` or ``--answer-field`` values) refuses the
+ingest, an error naming those examples, with nothing written: a split must never change under scores and
+selections made from it.
+
+Splits: by default each example's split is drawn from its id (``--heldout-fraction``: that share goes to
+``heldout``, the same on every machine); ``--split heldout`` (or ``pool``) puts every row of the files in that
+split, so a separate evaluation file can be declared held-out as it is.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from curate.store.workspace import (
 )
 
 PART_ROWS = 50_000  # rows per Parquet part: bounds memory on large inputs
+SPLITS = ("pool", "heldout")
 DEFAULT_MAX_ROW_BYTES = 1 << 20
 
 
@@ -95,6 +101,7 @@ class SourceOptions:
     answer_field: str | None = None
     heldout_fraction: float = 0.0
     transform: Any = None  # a built-in source's record transform (curate.models.bundled)
+    split: str | None = None  # every row in this split (else drawn from the id by heldout_fraction)
 
 
 class IngestConflict(ValueError):
@@ -109,17 +116,23 @@ def ingest(
     column_map: Mapping[str, str] | None = None,
     answer_style: str | None = None,
     answer_field: str | None = None,
-    heldout_fraction: float | None = None,
+    heldout_fraction: float | str | None = None,
+    split: str | None = None,
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
     progress: bool = True,
 ) -> IngestReport:
     """Ingest files, directories of files, or built-in source names (``gsm8k``) into ``workspace``.
 
-    Options left as None take a built-in source's preset (or the plain default for files).
+    Options left as None take a built-in source's preset (or the plain default for files). ``split``: every
+    row in that split (``pool`` or ``heldout``) instead of a share drawn by id (``heldout_fraction``).
     """
-    if heldout_fraction is not None and not 0.0 <= heldout_fraction < 1.0:
-        raise ValueError(f"--heldout-fraction must be in [0, 1), got {heldout_fraction}")
-    plan = [item for s in sources for item in _resolve(s, fmt, column_map, answer_style, answer_field, heldout_fraction)]
+    heldout_fraction = heldout_share(heldout_fraction)
+    if split is not None:
+        if split not in SPLITS:
+            raise ValueError(f"--split {split!r}: choose {' or '.join(SPLITS)} (every row of the files goes to that split)")
+        if heldout_fraction is not None:
+            raise ValueError("give --split (every row to one split) or --heldout-fraction (a share drawn by id), not both")
+    plan = [item for s in sources for item in _resolve(s, fmt, column_map, answer_style, answer_field, heldout_fraction, split)]
     spec = {"files": [_file_identity(label, path, options) for label, path, options in plan], "max_row_bytes": max_row_bytes}
     report = IngestReport()
     with workspace.writing(), recorded_run(workspace.root, "ingest", run_key(spec), parameters=spec) as record:
@@ -178,9 +191,9 @@ def _read(plan: list[tuple[str, Path, SourceOptions]], workspace: Workspace, sta
     if conflicts:
         raise IngestConflict(
             f"{len(conflicts):,} example(s) are already in {workspace.root} with another split or reference answer, so "
-            "they were ingested with other --heldout-fraction, --extract-answer or --answer-field values; nothing was "
-            "written. Ingest with the options used before (see `curate runs --stage ingest`), or into a new workspace. "
-            "First: " + "; ".join(conflicts[:3])
+            "they were ingested with other --split, --heldout-fraction, --extract-answer or --answer-field values (or a "
+            "held-out file repeats pool examples); nothing was written. Ingest with the options used before (see `curate "
+            "runs --stage ingest`), leave those rows out of the file, or use a new workspace. First: " + "; ".join(conflicts[:3])
         )
     staged.add("examples", rows_to_table(pending, schema.EXAMPLES))
     staged.add("rejects", rows_to_table(pending_rejects, schema.REJECTS))
@@ -234,12 +247,29 @@ def _file_identity(label: str, path: Path, options: SourceOptions) -> dict[str, 
     return {"source": label, "path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
             "format": options.fmt, "map": dict(options.column_map), "extract_answer": options.answer_style,
             "answer_field": options.answer_field, "heldout_fraction": options.heldout_fraction,
-            "transform": getattr(options.transform, "__name__", None)}
+            "transform": getattr(options.transform, "__name__", None), "split": options.split}
 
 
 def split_of(example: str, heldout_fraction: float) -> str:
     """Deterministic split by id: the same example lands in the same split on every machine and run."""
     return "heldout" if int(example[:8], 16) / 0x100000000 < heldout_fraction else "pool"
+
+
+def heldout_share(value: float | str | None) -> float | None:
+    """``--heldout-fraction`` as a share in [0, 1]: ``0.25``, ``25%``, ``1`` (every row held out: better said
+    ``--split heldout``); anything else is an error that says what is accepted."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    try:
+        share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        share = float("nan")
+    if not 0.0 <= share <= 1.0:  # also refuses nan
+        hint = f" ({text} looks like a percentage: write {share / 100:g} or {text}%)" if 1.0 < share <= 100.0 else ""
+        raise ValueError(f"--heldout-fraction {text!r}: give the share of examples held out, from 0 to 1 (0.25) or as a "
+                         f"percentage (25%){hint}; for a whole file of held-out examples use --split heldout")
+    return share
 
 
 def expand_files(path: Path) -> Iterator[Path]:
@@ -261,6 +291,7 @@ def _resolve(
     answer_style: str | None,
     answer_field: str | None,
     heldout_fraction: float | None,
+    split: str | None = None,
 ) -> list[tuple[str, Path, SourceOptions]]:
     builtin: BuiltinSource | None = None if Path(source).exists() else BUILTIN_SOURCES.get(source)
     if builtin is not None:
@@ -269,11 +300,12 @@ def _resolve(
             column_map=column_map or builtin.column_map,
             answer_style=answer_style or builtin.answer_style,
             answer_field=answer_field or builtin.answer_field,
-            heldout_fraction=builtin.heldout_fraction if heldout_fraction is None else heldout_fraction,
+            heldout_fraction=0.0 if split else builtin.heldout_fraction if heldout_fraction is None else heldout_fraction,
             transform=builtin.transform,
+            split=split,
         )
         return [(builtin.name, builtin.path(), options)]
-    options = SourceOptions(fmt, column_map or {}, answer_style, answer_field, heldout_fraction or 0.0)
+    options = SourceOptions(fmt, column_map or {}, answer_style, answer_field, heldout_fraction or 0.0, split=split)
     return [(str(p), p, options) for p in expand_files(Path(source))]
 
 
@@ -290,7 +322,7 @@ def _example(data: dict[str, Any], row: int, label: str, path: Path, options: So
     return {
         "example_id": identifier,
         "source": label,
-        "split": split_of(identifier, options.heldout_fraction),
+        "split": options.split or split_of(identifier, options.heldout_fraction),
         "messages": messages,
         "reference_answer": reference,
         "meta": json.dumps(meta, ensure_ascii=False, default=str),

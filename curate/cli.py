@@ -505,13 +505,16 @@ def _add_select(verbs: argparse._SubParsersAction) -> None:
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a recipe parameter (repeatable)")
     parser.add_argument("--name", help="selection name (default: the recipe's name)")
     parser.add_argument("--dry-run", action="store_true", help="run the recipe and the audits, print the counts, write nothing")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="write a selection with no rows (refused by default: no rows is a mistake in the rule or its parameters)")
 
 
 def _run_select(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     params = _key_values(args.param, "--param")
-    report = select(args.workspace, recipe, name=args.name or recipe.name, params=params, dry_run=args.dry_run)
+    report = select(args.workspace, recipe, name=args.name or recipe.name, params=params, dry_run=args.dry_run,
+                    allow_empty=args.allow_empty)
     print(report.summary())
     return 0
 

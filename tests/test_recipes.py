@@ -99,26 +99,37 @@ def test_complexity_split(workspace: Workspace) -> None:
     examples(workspace, names)
     put(workspace, "probe_scores", [{"example_id": n, "probe_key": "p", "entropy": i / 10, "is_valid": n != "e4"}
                                     for i, n in enumerate(names, start=1)])
-    put(workspace, "traces", [{"trace_id": "t8", "example_id": "e8", "gen_key": "g", "extracted_answer": "8",
-                               "prompt": [{"role": "user", "content": "Solve step by step: q e8"}]},
-                              {"trace_id": "t7", "example_id": "e7", "gen_key": "g", "extracted_answer": None}])
-    put(workspace, "best_traces", [
-        {"example_id": "e8", "gen_key": "g", "rule": "shortest", "trace_id": "t8", "text": "step by step... [[8]]", "is_correct": True, "truncated": False},
-        {"example_id": "e7", "gen_key": "g", "rule": "shortest", "trace_id": "t7", "text": "no answer", "is_correct": False, "truncated": False},
-    ])
+    # the teacher answered every example but e6; its answers parse for e1, e2, e3 and e8
+    answers = {"e1": "7", "e2": "2", "e3": "3", "e5": None, "e7": None, "e8": "8"}
+    put(workspace, "traces", [{"trace_id": f"t{n}", "example_id": n, "gen_key": "g", "extracted_answer": a,
+                               "prompt": [{"role": "user", "content": f"Solve step by step: q {n}"}]} for n, a in answers.items()])
+    put(workspace, "best_traces", [{"example_id": n, "gen_key": "g", "rule": "shortest", "trace_id": f"t{n}", "truncated": False,
+                                    "text": f"step by step... [[{a}]]" if a else "no answer", "is_correct": a == "8"}
+                                   for n, a in answers.items()])
     table = run_recipe(workspace, load_recipe("complexity_split"), {"probe_key": "p", "gen_key": "g"}).to_pylist()
     got = {r["example_id"]: (r["stage"], r["bucket"], r["assistant_text"]) for r in table}
     # H / max H of the valid: 1/8 2/8 3/8 5/8 6/8 7/8 8/8: q25 = 0.3125, q75 = 0.8125
-    assert got == {"e1": (1, "easy", "[[ans-e1]]"), "e2": (1, "easy", "[[ans-e2]]"), "e3": (1, "middle", "[[ans-e3]]"),
-                   "e5": (1, "middle", "[[ans-e5]]"), "e6": (1, "middle", "[[ans-e6]]"),
-                   "e8": (2, "hard", "step by step... [[8]]")}  # e7: hard, its trace has no answer
+    # stage 1: the teacher's parsed answer (e5: none parses, e6: no reply: left out); stage 2: every hard reply
+    assert got == {"e1": (1, "easy", "[[7]]"), "e2": (1, "easy", "[[2]]"), "e3": (1, "middle", "[[3]]"),
+                   "e7": (2, "hard", "no answer"), "e8": (2, "hard", "step by step... [[8]]")}
     by_id = {r["example_id"]: r for r in table}
-    assert by_id["e8"]["prompt"] == [{"role": "user", "content": "Solve step by step: q e8"}]  # the teacher's own prompt
+    script = [{"role": "system", "content": "The following are multiple choice questions. Explain your thinking process step-by-step. "
+                                            "At the end, write the correct answer number using [[number]] format."},
+              {"role": "user", "content": "Question: q e8\nPlease analyze step by step and provide the answer."}]
+    assert by_id["e8"]["prompt"] == script  # the training script's own prompt, not the teacher's
+    gold = run_recipe(workspace, load_recipe("complexity_split"), {"probe_key": "p", "gen_key": "g", "answer_source": "gold",
+                                                                    "require_parsed": "true", "stage2_prompt": "teacher"}).to_pylist()
+    assert {r["example_id"]: (r["stage"], r["assistant_text"]) for r in gold} == {  # the old rows: gold answers, parsed traces
+        "e1": (1, "[[ans-e1]]"), "e2": (1, "[[ans-e2]]"), "e3": (1, "[[ans-e3]]"), "e5": (1, "[[ans-e5]]"), "e6": (1, "[[ans-e6]]"),
+        "e8": (2, "step by step... [[8]]")}
+    assert gold[-1]["prompt"] == [{"role": "user", "content": "Solve step by step: q e8"}]  # the teacher's own prompt
+    with pytest.raises(Exception, match="answer_source must be distill or gold"):
+        run_recipe(workspace, load_recipe("complexity_split"), {"probe_key": "p", "gen_key": "g", "answer_source": "teacher"})
     report = select(workspace, load_recipe("complexity_split"), name="complexity", params={"probe_key": "p", "gen_key": "g"})
     written = {r["example_id"]: r for r in pa.parquet.read_table(workspace.table_dir("selections/complexity") / "part-0.parquet").to_pylist()}
-    assert report.rows == 6 and written["e1"]["messages"] == [
-        {"role": "user", "content": "q e1\n\nAnswer with only one number in [[number]]."}, {"role": "assistant", "content": "[[ans-e1]]"}]
-    assert written["e8"]["messages"][0]["content"] == "Solve step by step: q e8" and written["e8"]["stage"] == 2
+    assert report.rows == 5 and written["e1"]["messages"] == [
+        {"role": "user", "content": "q e1\n\nAnswer with only one number in [[number]]."}, {"role": "assistant", "content": "[[7]]"}]
+    assert written["e8"]["messages"][:2] == script and written["e8"]["stage"] == 2
 
 
 def token_row(example: str, key: str, response: list[bool], **lists) -> dict:
@@ -159,7 +170,33 @@ def test_qtuning_offline_quadrants_and_q2_token_pruning(workspace: Workspace) ->
     assert {k: v["bucket"] for k, v in got.items()} == {"e1": "q2", "e2": "q4"}
     # T = 8 x 5 = 40 positions; keep round(40 x 0.25 x 0.5) = 5; the 6 dropped examples remove 30, the Q2
     # example must lose 5 more: all of its response tokens. (select then drops it: every token masked.)
-    assert got["e1"]["loss_mask"] == [0, 0, 0, 0, 0, 0] and got["e2"]["loss_mask"] is None
+    # Q4 is kept whole: under the reference's span (slot) its mask says so, under content_eot it carries none
+    assert got["e1"]["loss_mask"] == [0, 0, 0, 0, 0, 0] and got["e2"]["loss_mask"] == [0, 1, 1, 1, 1, 1]
+    content_eot = run_recipe(workspace, load_recipe("qtuning_offline"), {"score_key": KEY, "r_sample": "0.25", "span": "content_eot"})
+    assert {r["example_id"]: r["loss_mask"] for r in content_eot.to_pylist()} == {"e1": [0, 0, 0, 0, 0, 0], "e2": None}
+
+
+def test_qtuning_offline_prunes_no_token_at_r_token_one(workspace: Workspace) -> None:
+    from curate.store.score_tables import rebuild_sample_scores
+
+    names = [f"e{i}" for i in range(1, 9)]
+    examples(workspace, names)
+    # e1 (Q2) and e2 (Q4) have 10 response tokens, the six on the diagonal 2
+    rows = []
+    for i, name in enumerate(names, start=1):
+        nll, entropy, n = {1: 3.0, 2: 0.1}.get(i, 0.2 * i), {1: 0.1, 2: 3.0}.get(i, 0.2 * i), 11 if i <= 2 else 3
+        rows.append(token_row(name, KEY, [False] + [True] * (n - 1), logprob=[None] + [-nll] * (n - 1), entropy=[None] + [entropy] * (n - 1)))
+    put(workspace, "token_scores", rows)
+    rebuild_sample_scores(workspace, KEY)
+
+    def masks(r_token: str) -> dict:
+        table = run_recipe(workspace, load_recipe("qtuning_offline"), {"score_key": KEY, "r_sample": "0.25", "r_token": r_token})
+        return {r["example_id"]: r["loss_mask"] for r in table.to_pylist()}
+
+    # T = 2 x 10 + 6 x 2 = 32 positions; the budget keeps round(32 x 0.25 x r_token) = 8; the dropped rows remove
+    # 12, so the budget asks for 12 more from e1; at r_token = 1.0 the reference prunes none (trainer.py:683)
+    assert masks("1.0") == {"e1": [0] + [1] * 10, "e2": [0] + [1] * 10}
+    assert masks("0.99") == {"e1": [0] * 11, "e2": [0] + [1] * 10}
 
 
 def test_select_materializes_with_a_manifest_and_audits(scored: Workspace, tmp_path) -> None:
@@ -260,3 +297,31 @@ def test_a_reselect_replaces_the_selection_in_one_rename_and_a_failed_one_keeps_
         select(scored, load_recipe(bad), name="band")
     assert pa.parquet.read_table(part).num_rows == 1  # a failed select leaves the old selection as it was
     assert not [p for p in scored.table_dir("selections").rglob(".*")]  # and no temporaries
+
+
+def test_an_empty_selection_is_refused_with_its_counts_and_keeps_the_earlier_one(scored: Workspace, tmp_path, capsys) -> None:
+    from curate.cli import main
+    from curate.stages.select import EmptySelection
+
+    select(scored, load_recipe("ppl_band"), name="band", params={"score_key": KEY, "band": "max", "fraction": "0.2"})
+    part = scored.table_dir("selections/band") / "part-0.parquet"
+    before = part.read_bytes()
+    masked = tmp_path / "masked.sql"  # a rule whose mask trains nothing in any row
+    masked.write_text("select example_id, [1, 2, 3] as token_ids, [false, true, true] as is_response, [0, 0, 0]::tinyint[] as loss_mask "
+                      "from examples where split = 'pool'")
+    with pytest.raises(EmptySelection, match=r"no rows left: the recipe returned 10 row\(s\); dropped 10 \(every_token_masked\)\. "
+                                             r"Nothing was written \(an earlier selection of this name is kept\)"):
+        select(scored, load_recipe(masked), name="band")
+    with pytest.raises(EmptySelection, match=r"returned 0 row\(s\)\. Nothing would be written"):
+        select(scored, load_recipe("full"), name="dry", params={"split": "Pool"}, dry_run=True)
+    assert part.read_bytes() == before  # the earlier selection of that name is untouched
+
+    ws = str(scored.root)
+    assert main(["select", "full", "-w", ws, "--param", "split=Pool", "--name", "band"]) == 1  # a typo that matches nothing
+    err = capsys.readouterr().err
+    assert "selection band (full.sql) has no rows left: the recipe returned 0 row(s)" in err and "split = 'Pool'" in err
+    assert "--allow-empty" in err and part.read_bytes() == before
+    assert main(["select", "full", "-w", ws, "--param", "split=Pool", "--name", "nothing", "--allow-empty"]) == 0
+    assert pa.parquet.read_table(scored.table_dir("selections/nothing") / "part-0.parquet").num_rows == 0
+    assert main(["select", "full", "-w", ws, "--param", "split=pool", "--name", "band"]) == 0  # the typo fixed
+    assert pa.parquet.read_table(part).num_rows == 10

@@ -16,6 +16,9 @@ token (the last response token) still trained. A row with no response token at a
 A manifest records the SQL text and hash, the parameters, the input tables' fingerprints, the chat-template
 hashes of the scores used, and counts; it is stored inside the Parquet file (its metadata) and beside it as
 ``manifest.json``. The file is replaced in one rename: a reader sees the old selection or the new one.
+A selection with no rows left (the recipe returned none, or every row was dropped) is refused with the counts
+and nothing written, an earlier selection of that name kept: it is a mistake in the rule or a parameter that
+matches nothing (``allow_empty`` writes it anyway).
 """
 
 from __future__ import annotations
@@ -69,10 +72,16 @@ class AuditError(ValueError):
     pass
 
 
+class EmptySelection(ValueError):
+    """No row is left to train on: refused unless asked for (``allow_empty``)."""
+
+
 @dataclass
 class SelectReport:
     name: str
     rows: int = 0
+    returned: int = 0  # rows the recipe returned, before the kept ids and the drops
+    outside_keep: int = 0  # of those, rows not among the kept ids (a study's pool or budget subset)
     buckets: dict[str, int] = field(default_factory=dict)
     masked_rows: int = 0
     mask_tokens_kept: int = 0
@@ -169,19 +178,23 @@ def _run(con: Any, recipe: Recipe, bound: dict[str, Any], workspace: Workspace) 
 
 
 def select(workspace: Workspace, recipe: Recipe, *, name: str, params: dict[str, str] | None = None, dry_run: bool = False,
-           keep: list[str] | None = None, keep_note: str | None = None) -> SelectReport:
+           keep: list[str] | None = None, keep_note: str | None = None, allow_empty: bool = False) -> SelectReport:
     """Run, audit and write a selection. ``keep``: only these example ids of the recipe's rows (a study's pool,
-    or a subset brought to a token budget; ``keep_note`` says how, in the manifest)."""
+    or a subset brought to a token budget; ``keep_note`` says how, in the manifest). A selection with no rows
+    raises EmptySelection (nothing written) unless ``allow_empty``."""
     if not _NAME.fullmatch(name):
         raise ValueError(f"selection name {name!r}: use letters, digits and underscores (it becomes the view selections_{name})")
     bound = bind(workspace, recipe, params or {})
     if dry_run:
-        return _choose(workspace, recipe, bound, name, keep)[0]
+        report = _choose(workspace, recipe, bound, name, keep)[0]
+        _refuse_empty(recipe, bound, report, allow_empty=allow_empty, dry_run=True)
+        return report
     spec = {"recipe": recipe.name, "sql_hash": recipe.sql_hash, "parameters": bound, "inputs": _inputs(workspace, recipe),
             "keep": sorted(keep) if keep is not None else None}
     with workspace.writing(), recorded_run(workspace.root, "select", run_key(spec), models=[name],
                                            parameters={**spec, "selection": name, "keep": keep_note}) as record:
         report, rows, con = _choose(workspace, recipe, bound, name, keep)
+        _refuse_empty(recipe, bound, report, allow_empty=allow_empty)
         manifest = _manifest(workspace, recipe, bound, report, con) | {"key": run_key(spec), "subset": keep_note}
         table = materialize(rows)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), MANIFEST_KEY: json.dumps(manifest, default=str).encode()})
@@ -193,6 +206,22 @@ def select(workspace: Workspace, recipe: Recipe, *, name: str, params: dict[str,
         report.written = str(folder)
         record.counts = {k: v for k, v in vars(report).items() if k not in ("name", "written")}
     return report
+
+
+def _refuse_empty(recipe: Recipe, bound: dict[str, Any], report: SelectReport, *, allow_empty: bool, dry_run: bool = False) -> None:
+    """No row left is a mistake in the rule (or a parameter matching nothing): an error with the counts."""
+    if report.rows or allow_empty:
+        return
+    steps = [f"the recipe returned {report.returned:,} row(s)"]
+    if report.outside_keep:
+        steps.append(f"{report.outside_keep:,} not among the kept ids")
+    steps += [f"dropped {count:,} ({reason})" for reason, count in sorted(report.dropped.items())]
+    given = ", ".join(f"{k} = {v!r}" for k, v in sorted(bound.items())) or "none"
+    raise EmptySelection(
+        f"selection {report.name} ({recipe.path.name}) has no rows left: {'; '.join(steps)}. "
+        f"{'Nothing would be written' if dry_run else 'Nothing was written (an earlier selection of this name is kept)'}. "
+        f"Check the rule and its parameters ({given}): a value that matches nothing (a split's name, a key) gives no rows; "
+        "pass --allow-empty (allow_empty=True) to write an empty selection anyway")
 
 
 def choose(workspace: Workspace, recipe: Recipe, params: dict[str, str], *, keep: list[str] | None = None) -> pa.Table:
@@ -215,8 +244,10 @@ def _choose(workspace: Workspace, recipe: Recipe, bound: dict[str, Any], name: s
             chosen = chosen.append_column(column, pa.nulls(chosen.num_rows, kind))
     con.register("recipe_rows", chosen)
     con.execute("create or replace temp table chosen as select * from recipe_rows")
+    outside = 0
     if keep is not None:
         con.register("kept_ids", pa.table({"example_id": pa.array(sorted(keep), pa.string())}))
+        outside = con.execute("select count(*) from chosen where example_id not in (select example_id from kept_ids)").fetchall()[0][0]
         con.execute("delete from chosen where example_id not in (select example_id from kept_ids)")
     dropped: Counter[str] = Counter()
     for reason, column, query in DROPS:
@@ -231,7 +262,7 @@ def _choose(workspace: Workspace, recipe: Recipe, bound: dict[str, Any], name: s
         "select c.*, e.messages, e.reference_answer, e.split from chosen c join examples e using (example_id) order by example_id"
     ).to_arrow_table()
     report = _report(name, rows)
-    report.dropped = dropped
+    report.dropped, report.returned, report.outside_keep = dropped, chosen.num_rows, outside
     return report, rows, con
 
 

@@ -26,6 +26,22 @@ def python_round(x: float) -> int:
     return int(round(x))
 
 
+# ---- The response span of the LLaMA-Factory forks (EKSFT, Q-Tuning) ---------------------------------------
+
+
+def slot_span(response: list[bool], end_of_turn: list[bool], message_index: list[int]) -> list[bool]:
+    """Their chatml templates label the assistant's whole slot, ``{content}<|im_end|>\n``: the content, the
+    end-of-turn token, and what the template writes after it inside the same turn (the newline)."""
+    labelled = list(response)
+    for t in range(len(response)):
+        if end_of_turn[t]:
+            u = t + 1
+            while u < len(response) and message_index[u] == message_index[t]:
+                labelled[u] = True
+                u += 1
+    return labelled
+
+
 # ---- Q-Tuning (Q-tuning/Q-tuning @dd6eba5, trainer.py) ----------------------------------------------------
 
 
@@ -111,6 +127,8 @@ def qtuning(samples: list[Sample], *, r_sample: float, r_token: float, smoothing
     target = python_round(total * r_sample * r_token)
     removed = sum(samples[i].n - 1 for i in range(size) if i not in result.kept)
     remaining = max(0, (total - target) - removed)
+    if r_token == 1.0:
+        remaining = 0  # trainer.py:683 prunes tokens only when token_ratio != 1.0
 
     def ppl_at(s: Sample, t: int) -> float:
         if t < 1 or t >= s.n:
@@ -194,3 +212,48 @@ def complexity_buckets(entropy: dict[str, float], *, low: float = 0.25, high: fl
     normalised = {k: v / top if top > 0 else 0.0 for k, v in entropy.items()}
     q_low, q_high = quantile(list(normalised.values()), low), quantile(list(normalised.values()), high)
     return {k: "easy" if x < q_low else "hard" if x >= q_high else "middle" for k, x in normalised.items()}
+
+
+@dataclass
+class TeacherReply:
+    text: str | None  # the teacher's response (None or "": it gave none)
+    answer: str | None  # the answer parsed from it ([[n]]), if any
+    truncated: bool = False  # cut off by the token limit
+    correct: bool | None = None
+
+
+# Qwen_train_test_cot.py:32-38 and :149-159: cot_sys_prompt() is called without a subject
+STAGE2_SYSTEM = ("The following are multiple choice questions. Explain your thinking process step-by-step. At the end, "
+                 "write the correct answer number using [[number]] format.")
+STAGE2_INSTRUCTION = "Please analyze step by step and provide the answer."
+
+
+def complexity_stage2_prompt(question: str, choices: list[str] | None) -> list[dict[str, str]]:
+    """The training script's own prompt for a hard row: its system prompt without the subject, the question, the
+    options numbered from 1 (none for a question without options), then its instruction."""
+    options = "".join(f"\n{i}. {c.strip()}" for i, c in enumerate(choices or [], start=1))
+    user = f"Question: {question.strip()}" + (f"\nOptions:{options}" if choices else "") + f"\n{STAGE2_INSTRUCTION}"
+    return [{"role": "system", "content": STAGE2_SYSTEM}, {"role": "user", "content": user}]
+
+
+def complexity_rows(buckets: dict[str, str], gold: dict[str, str | None], teacher: dict[str, TeacherReply], *,
+                    answer_source: str = "distill", require_parsed: bool = False,
+                    require_correct: bool = False) -> dict[str, tuple[int, str]]:
+    """The two stages' training rows, id -> (stage, reply). Stage 1, easy and middle: ``[[distill_answer]]``, the
+    teacher's parsed answer, keeping only rows that have one (Qwen_train_test_sft.py:184, :204; answer_source =
+    gold: the reference answer). Stage 2, hard: the teacher's response, every hard row that has one, parsed or
+    not (Qwen_train_test_cot.py:181); ours also leaves out a response cut off by the token limit (documented)."""
+    rows: dict[str, tuple[int, str]] = {}
+    for name, bucket in buckets.items():
+        reply = teacher.get(name)
+        if bucket != "hard":
+            answer = (reply.answer if reply else None) if answer_source == "distill" else gold.get(name)
+            if answer is not None:
+                rows[name] = (1, f"[[{answer}]]")
+            continue
+        if reply is None or not reply.text or reply.truncated:
+            continue
+        if (require_parsed and reply.answer is None) or (require_correct and not reply.correct):
+            continue
+        rows[name] = (2, reply.text)
+    return rows

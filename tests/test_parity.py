@@ -4,8 +4,10 @@ random inputs with ties and edge cases (one-token responses, all-equal scores, e
 
 from __future__ import annotations
 
+import json
 import math
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -27,22 +29,55 @@ def f32(value: float) -> float:
     return float(np.float32(value))
 
 
-def random_sample(rng: random.Random, *, equal: bool = False) -> oracles.Sample:
-    n = rng.randint(2, 16)
-    prompt = rng.randint(1, n - 1)  # responses of 1 .. n - 1 tokens
-    response = [False] * prompt + [True] * (n - prompt)
+@dataclass
+class Chat:
+    """A scored conversation as token_scores holds it: the response as token_scores marks it (content and
+    end-of-turn token), the end-of-turn tokens, and which message each token belongs to."""
+
+    nll: list[float | None]
+    entropy: list[float | None]
+    response: list[bool]
+    end_of_turn: list[bool]
+    message_index: list[int]
+
+    def sample(self, span: str = "slot") -> oracles.Sample:
+        """What the reference trains on: the LLaMA-Factory slot (span = slot) or token_scores' own span."""
+        labels = oracles.slot_span(self.response, self.end_of_turn, self.message_index) if span == "slot" else self.response
+        return oracles.Sample(self.nll, self.entropy, labels)
+
+
+def random_chat(rng: random.Random, *, equal: bool = False, turns: int = 1) -> Chat:
+    """A prompt, then ``turns`` replies, each: a role header, content, the end-of-turn token and 0-2 tokens the
+    template writes after it in the same turn (chatml: the newline); a user turn between replies."""
+    response, end, message = [False] * rng.randint(1, 4), [], []
+    message = [0] * len(response)
+    for turn in range(turns):
+        if turn:
+            user = rng.randint(1, 3)
+            response += [False] * user
+            message += [message[-1] + 1] * user
+        index = message[-1] + 1
+        header, content, tail = rng.randint(0, 2), rng.randint(0, 6), rng.randint(0, 2)
+        response += [False] * header + [True] * (content + 1) + [False] * tail
+        message += [index] * (header + content + 1 + tail)
+        end += [False] * (len(response) - len(end) - tail - 1) + [True] + [False] * tail
+    n = len(response)
     nll = [None] + [f32(1.0 if equal else rng.choice(NLL_VALUES)) for _ in range(n - 1)]
     entropy = [None] + [f32(1.0 if equal else rng.choice(ENTROPY_VALUES)) for _ in range(n - 1)]
-    return oracles.Sample(nll, entropy, response)
+    return Chat(nll, entropy, response, end, message)
 
 
-def scored_workspace(ws: Workspace, samples: list[oracles.Sample], key: str = "k") -> list[str]:
-    """The samples as token_scores rows (+ sample_scores from them, as curate score builds it)."""
-    names = [f"e{i:03d}" for i in range(len(samples))]
+def random_sample(rng: random.Random, *, equal: bool = False) -> oracles.Sample:
+    return random_chat(rng, equal=equal).sample("content_eot")
+
+
+def scored_workspace(ws: Workspace, chats: list[Chat], key: str = "k") -> list[str]:
+    """The chats as token_scores rows (+ sample_scores from them, as curate score builds it)."""
+    names = [f"e{i:03d}" for i in range(len(chats))]
     examples(ws, names)
-    rows = [{"example_id": name, "score_key": key, "variant": "chat", "token_ids": list(range(100, 100 + s.n)), "n_tokens": s.n,
-             "message_index": [0] * s.n, "is_response": s.response, "is_end_of_turn": [False] * (s.n - 1) + [True],
-             "logprob": [None] + [-v for v in s.nll[1:]], "entropy": s.entropy} for name, s in zip(names, samples)]
+    rows = [{"example_id": name, "score_key": key, "variant": "chat", "token_ids": list(range(100, 100 + len(c.nll))),
+             "n_tokens": len(c.nll), "message_index": c.message_index, "is_response": c.response, "is_end_of_turn": c.end_of_turn,
+             "logprob": [None] + [-v for v in c.nll[1:]], "entropy": c.entropy} for name, c in zip(names, chats)]
     put(ws, "token_scores", rows)
     rebuild_sample_scores(ws, key)
     return names
@@ -50,19 +85,28 @@ def scored_workspace(ws: Workspace, samples: list[oracles.Sample], key: str = "k
 
 # ---- Q-Tuning ---------------------------------------------------------------------------------------------
 
+# r_token = 1.0: the reference prunes no token (trainer.py:683), whatever r_sample
 QTUNING_CASES = [
     {}, {"r_sample": 0.5, "r_token": 0.7}, {"r_sample": 0.125, "r_token": 0.5},
     {"entropy_over": "response"}, {"search": "best-under"}, {"r_sample": 1.0, "r_token": 1.0},
+    {"r_token": 1.0}, {"r_sample": 0.125, "r_token": 1.0},
 ]
+SPAN_CASES = [{"span": "content_eot"}, {"span": "content_eot", "r_sample": 0.5, "r_token": 0.7}, {"span": "slot", "entropy_over": "response"}]
 
 
-@pytest.mark.parametrize("case", QTUNING_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "defaults")
+def _name(case: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in case.items()) or "defaults"
+
+
+@pytest.mark.parametrize("case", QTUNING_CASES + SPAN_CASES, ids=_name)
 def test_qtuning_offline_recipe_matches_the_reference_rule(case: dict, tmp_path) -> None:
+    span = case.get("span", "slot")
     for seed in range(6):
         rng = random.Random(seed)
-        samples = [random_sample(rng, equal=seed == 5 and i % 2 == 0) for i in range(rng.randint(4, 40))]
+        chats = [random_chat(rng, equal=seed == 5 and i % 2 == 0, turns=1 + (i % 3 == 2)) for i in range(rng.randint(4, 40))]
+        samples = [c.sample(span) for c in chats]
         ws = Workspace(tmp_path / f"ws{seed}")
-        names = scored_workspace(ws, samples)
+        names = scored_workspace(ws, chats)
         expected = oracles.qtuning(samples, r_sample=case.get("r_sample", 0.25), r_token=case.get("r_token", 0.5),
                                    entropy_over=case.get("entropy_over", "all"), search=case.get("search", "last"))
         rows = run_recipe(ws, load_recipe("qtuning_offline"), {"score_key": "k", **{k: str(v) for k, v in case.items()}}).to_pylist()
@@ -71,10 +115,12 @@ def test_qtuning_offline_recipe_matches_the_reference_rule(case: dict, tmp_path)
         assert {i for i, r in got.items() if r["bucket"] == "q2"} == expected.q2
         assert {i for i, r in got.items() if r["bucket"] in ("q2_fill", "q4_fill")} == expected.filled
         for i, row in got.items():
-            mask = expected.masks.get(i)
+            whole = [r and t >= 1 for t, r in enumerate(samples[i].response)]
+            mask = expected.masks.get(i, whole if span == "slot" else None)  # under slot every kept row says its span
             assert (row["loss_mask"] is None) == (mask is None), (seed, i)
             if mask is not None:
                 assert [bool(m) for m in row["loss_mask"]] == mask, (seed, i)
+                assert row["is_response"] == samples[i].response and row["n_response_tokens"] == sum(samples[i].response)
 
 
 def _batch(samples: list[oracles.Sample]) -> tuple[torch.Tensor, ...]:
@@ -89,7 +135,7 @@ def _batch(samples: list[oracles.Sample]) -> tuple[torch.Tensor, ...]:
     return nll, entropy, targets, torch.tensor([s.n for s in samples])
 
 
-@pytest.mark.parametrize("case", QTUNING_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "defaults")
+@pytest.mark.parametrize("case", QTUNING_CASES, ids=_name)
 def test_qtuning_online_objective_matches_the_reference_rule(case: dict) -> None:
     from train.objectives import TokenStats, qtuning_objective
 
@@ -137,61 +183,117 @@ def test_qtuning_keeps_the_few_tokens_the_reference_keeps() -> None:
     assert q2 and kept / response_tokens < 0.1  # the old rule kept ceil(0.5 n) of each Q2 row: 50%
 
 
+def test_qtuning_prunes_no_token_at_r_token_one() -> None:
+    """trainer.py:683 prunes only when token_ratio != 1.0: at 1.0 the Q2 rows keep every response token, though
+    the batch budget round(T r_sample) alone would remove most of them (as it does at 0.999)."""
+    from train.objectives import TokenStats, qtuning_objective
+
+    rng = random.Random(11)
+    samples = [random_sample(rng) for _ in range(32)]
+    nll, entropy, targets, lengths = _batch(samples)
+
+    def run(r_token: float):
+        return qtuning_objective(TokenStats(nll, entropy, torch.zeros(0)), targets, lengths, torch.ones(32), r_sample=0.25,
+                                 r_token=r_token, smoothing=0.5, entropy_over="all", search="last", normalise="reference")
+
+    whole, almost = run(1.0), run(0.999)
+    pruned = oracles.qtuning(samples, r_sample=0.25, r_token=1.0).q2
+    assert pruned and whole.info["pruned_tokens"] == 0 and almost.info["pruned_tokens"] > 0
+    assert all(whole.keep[i].tolist() == (targets[i] & (torch.arange(targets.shape[1]) > 0)).tolist() for i in pruned)
+
+
+def test_the_slot_span_is_the_llamafactory_assistant_slot(smollm2_tokenizer_dir, workspace: Workspace) -> None:
+    """On SmolLM2's chatml template, span = slot trains what the LLaMA-Factory forks' template labels,
+    `{content}<|im_end|>\\n` per reply (the newline included); span = content_eot stops at `<|im_end|>`."""
+    from transformers import AutoTokenizer
+
+    from curate.kernel.chat_tokens import tokenize_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    replies = ["The answer is 4.", "Twice that is 8."]
+    messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": replies[0]},
+                {"role": "user", "content": "And twice that?"}, {"role": "assistant", "content": replies[1]}]
+    chat = tokenize_chat(tokenizer, messages)
+    examples(workspace, ["e0"])
+    flat = [None] + [f32(1.0)] * (len(chat) - 1)
+    put(workspace, "token_scores", [{"example_id": "e0", "score_key": "base", "variant": "chat", "token_ids": chat.token_ids,
+                                     "n_tokens": len(chat), "message_index": chat.message_index, "is_response": chat.is_response,
+                                     "is_end_of_turn": chat.is_end_of_turn, "logprob": [None] + [-1.0] * (len(chat) - 1), "entropy": flat}])
+    put(workspace, "pair_scores", [{"example_id": "e0", "pair_key": "pair", "base_key": "base", "is_response": chat.is_response, "kl": flat}])
+
+    def trained(recipe: str, params: dict[str, str]) -> list[str]:
+        (row,) = run_recipe(workspace, load_recipe(recipe), params).to_pylist()
+        runs, current = [], []
+        for token, keep in zip(chat.token_ids, row["loss_mask"]):
+            if keep:
+                current.append(token)
+            elif current:
+                runs, current = runs + [tokenizer.decode(current)], []
+        return runs + ([tokenizer.decode(current)] if current else [])
+
+    for recipe, params in (("eksft_offline", {"base_key": "base", "pair_key": "pair", "ratio": "0"}),
+                           ("qtuning_offline", {"score_key": "base", "r_sample": "1.0", "r_token": "1.0"})):
+        assert trained(recipe, params) == [f"{r}<|im_end|>\n" for r in replies], recipe
+    assert trained("eksft_offline", {"base_key": "base", "pair_key": "pair", "ratio": "0", "span": "content_eot"}) == [
+        f"{r}<|im_end|>" for r in replies]
+
+
 # ---- EKSFT ------------------------------------------------------------------------------------------------
 
-EKSFT_CASES = [{}, {"ratio": 0.5}, {"combine": "intersection"}, {"keep_end_of_turn": True}, {"ratio": 0.3, "combine": "intersection"}]
+EKSFT_CASES = [{}, {"ratio": 0.5}, {"combine": "intersection"}, {"keep_end_of_turn": True}, {"ratio": 0.3, "combine": "intersection"},
+               {"span": "content_eot"}, {"span": "content_eot", "ratio": 0.5, "keep_end_of_turn": True}]
 
 
-def _eksft_rows(rng: random.Random, count: int) -> list[tuple[list, list, list, list]]:
+def _eksft_rows(rng: random.Random, count: int) -> list[tuple[Chat, list]]:
+    """Chats (one or two replies, some with template text after the end-of-turn token) and their KL."""
     rows = []
     for i in range(count):
-        n = rng.randint(2, 30)
-        prompt = rng.randint(1, n - 1)
-        response = [False] * prompt + [True] * (n - prompt)
         equal = i % 7 == 0
-        entropy = [None] + [f32(1.0 if equal else rng.choice(ENTROPY_VALUES)) for _ in range(n - 1)]
-        kl = [None] + [f32(0.5 if equal else rng.choice([0.0, 0.1, 0.2, 0.4])) for _ in range(n - 1)]
-        end = [False] * (n - 1) + [True]
-        rows.append((entropy, kl, response, end))
+        chat = random_chat(rng, equal=equal, turns=1 + (i % 4 == 3))
+        kl = [None] + [f32(0.5 if equal else rng.choice([0.0, 0.1, 0.2, 0.4])) for _ in range(len(chat.nll) - 1)]
+        rows.append((chat, kl))
     return rows
 
 
-@pytest.mark.parametrize("case", EKSFT_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "defaults")
+@pytest.mark.parametrize("case", EKSFT_CASES, ids=_name)
 def test_eksft_offline_recipe_matches_the_reference_rule(case: dict, workspace: Workspace) -> None:
     rows = _eksft_rows(random.Random(3), 40)
     names = [f"e{i:03d}" for i in range(len(rows))]
     examples(workspace, names)
-    put(workspace, "token_scores", [{"example_id": name, "score_key": "base", "variant": "chat", "token_ids": list(range(len(r))),
-                                     "is_response": r, "is_end_of_turn": end, "entropy": h} for name, (h, _, r, end) in zip(names, rows)])
-    put(workspace, "pair_scores", [{"example_id": name, "pair_key": "pair", "base_key": "base", "is_response": r, "kl": kl}
-                                   for name, (_, kl, r, _) in zip(names, rows)])
+    put(workspace, "token_scores", [{"example_id": name, "score_key": "base", "variant": "chat", "token_ids": list(range(len(c.nll))),
+                                     "is_response": c.response, "is_end_of_turn": c.end_of_turn, "message_index": c.message_index,
+                                     "entropy": c.entropy} for name, (c, _) in zip(names, rows)])
+    put(workspace, "pair_scores", [{"example_id": name, "pair_key": "pair", "base_key": "base", "is_response": c.response, "kl": kl}
+                                   for name, (c, kl) in zip(names, rows)])
     got = {r["example_id"]: r for r in run_recipe(workspace, load_recipe("eksft_offline"),
                                                   {"base_key": "base", "pair_key": "pair", **{k: str(v) for k, v in case.items()}}).to_pylist()}
-    for name, (h, kl, response, end) in zip(names, rows):
-        expected = oracles.eksft_mask(h, kl, response, ratio=case.get("ratio", 0.2), combine=case.get("combine", "union"),
-                                      end_of_turn=end if case.get("keep_end_of_turn") else None)
+    for name, (chat, kl) in zip(names, rows):
+        labels = chat.sample(case.get("span", "slot")).response
+        expected = oracles.eksft_mask(chat.entropy, kl, labels, ratio=case.get("ratio", 0.2), combine=case.get("combine", "union"),
+                                      end_of_turn=chat.end_of_turn if case.get("keep_end_of_turn") else None)
         assert [bool(m) for m in got[name]["loss_mask"]] == expected, (name, case)
+        assert got[name]["is_response"] == labels and got[name]["n_response_tokens"] == sum(labels)
 
 
-@pytest.mark.parametrize("case", EKSFT_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "defaults")
+@pytest.mark.parametrize("case", [c for c in EKSFT_CASES if "span" not in c], ids=_name)
 def test_eksft_online_masks_match_the_reference_rule(case: dict) -> None:
     from train.objectives import eksft_masks
 
     rows = _eksft_rows(random.Random(5), 24)
-    width = max(len(r[2]) for r in rows)
+    width = max(len(c.nll) for c, _ in rows)
     entropy, kl = torch.zeros(len(rows), width), torch.zeros(len(rows), width)
     targets, end = torch.zeros(len(rows), width, dtype=torch.bool), torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, (h, k, response, eot) in enumerate(rows):
-        n = len(response)
-        entropy[i, 1:n], kl[i, 1:n] = torch.tensor(h[1:]), torch.tensor(k[1:])
-        targets[i, :n], end[i, :n] = torch.tensor(response), torch.tensor(eot)
+    for i, (chat, k) in enumerate(rows):
+        n = len(chat.nll)
+        entropy[i, 1:n], kl[i, 1:n] = torch.tensor(chat.entropy[1:]), torch.tensor(k[1:])
+        targets[i, :n], end[i, :n] = torch.tensor(chat.response), torch.tensor(chat.end_of_turn)
     masked, _, _ = eksft_masks(entropy, kl, targets, ratio=case.get("ratio", 0.2), combine=case.get("combine", "union"),
                                protected=end if case.get("keep_end_of_turn") else None)
     keep = targets & ~masked
-    for i, (h, k, response, eot) in enumerate(rows):
-        expected = oracles.eksft_mask(h, k, response, ratio=case.get("ratio", 0.2), combine=case.get("combine", "union"),
-                                      end_of_turn=eot if case.get("keep_end_of_turn") else None)
-        assert keep[i, : len(response)].tolist() == expected, (i, case)
+    for i, (chat, k) in enumerate(rows):
+        expected = oracles.eksft_mask(chat.entropy, k, chat.response, ratio=case.get("ratio", 0.2), combine=case.get("combine", "union"),
+                                      end_of_turn=chat.end_of_turn if case.get("keep_end_of_turn") else None)
+        assert keep[i, : len(chat.nll)].tolist() == expected, (i, case)
 
 
 def test_eksft_loss_terms_and_sequence_normalisation() -> None:
@@ -256,37 +358,74 @@ def test_instructdiff_recipe_matches_the_reference_rule(case: dict, tmp_path) ->
 # ---- Complexity-aware ------------------------------------------------------------------------------------
 
 
-def test_complexity_split_buckets_and_stages_match_the_reference_rule(workspace: Workspace) -> None:
+COMPLEXITY_CASES = [{}, {"answer_source": "gold"}, {"require_parsed": True}, {"require_correct": True}, {"stage2_prompt": "teacher"},
+                    {"answer_source": "gold", "require_parsed": True, "stage2_prompt": "teacher"}]
+
+
+def _complexity_workspace(workspace: Workspace) -> tuple[list[str], dict, dict[str, oracles.TeacherReply], dict]:
+    """30 probed examples (ties at the cut points, one invalid), some multiple-choice; a teacher reply for most:
+    some without a parsed answer, one empty, one cut off, some wrong (answer "1" where the gold is "ans-..")."""
     rng = random.Random(11)
     names = [f"e{i:02d}" for i in range(30)]
-    examples(workspace, names)
-    entropy = {n: rng.choice([0.2, 0.4, 0.4, 0.9, 1.3, 2.0]) for n in names}  # ties at the cut points
+    choices = {n: ["alpha ", "beta", " gamma"] for n in names[::3]}
+    put(workspace, "examples", [{"example_id": n, "source": "t", "split": "pool", "reference_answer": f"ans-{n}",
+                                 "meta": json.dumps({"fields": {"choices": choices[n], "subject": "logic"}} if n in choices else {}),
+                                 "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f" q {n}\n"},
+                                              {"role": "assistant", "content": f"a {n}"}]} for n in names])
+    entropy = {n: rng.choice([0.2, 0.4, 0.4, 0.9, 1.3, 2.0]) for n in names}
     valid = {n: n != "e07" for n in names}
     put(workspace, "probe_scores", [{"example_id": n, "probe_key": "p", "entropy": entropy[n], "entropy_norm": entropy[n] / 10.8,
                                      "is_valid": valid[n]} for n in names])
+    teacher = {}
+    for i, n in enumerate(names):
+        if i % 11 == 10:
+            continue  # the teacher gave no response
+        answer = None if i % 4 == 3 else f"ans-{n}" if i % 3 else "1"
+        teacher[n] = oracles.TeacherReply("" if i == 13 else f"steps for {n} [[{answer}]]", answer, truncated=i == 9,
+                                          correct=answer == f"ans-{n}")
     traces = [{"trace_id": f"t{n}", "example_id": n, "gen_key": "g", "prompt": [{"role": "user", "content": f"think about {n}"}],
-               "extracted_answer": None if n == "e03" else "1", "is_correct": n != "e05", "truncated": n == "e09"} for n in names]
+               "extracted_answer": r.answer, "is_correct": r.correct, "truncated": r.truncated} for n, r in teacher.items()]
     put(workspace, "traces", traces)
-    put(workspace, "best_traces", [{"example_id": t["example_id"], "gen_key": "g", "rule": "shortest", "trace_id": t["trace_id"],
-                                    "text": f"steps for {t['example_id']} [[1]]", "is_correct": t["is_correct"], "truncated": t["truncated"]}
-                                   for t in traces])
+    put(workspace, "best_traces", [{"example_id": n, "gen_key": "g", "rule": "shortest", "trace_id": f"t{n}", "text": r.text,
+                                    "is_correct": r.correct, "truncated": r.truncated} for n, r in teacher.items()])
     buckets = oracles.complexity_buckets({n: entropy[n] for n in names if valid[n]})
-    rows = {r["example_id"]: r for r in run_recipe(workspace, load_recipe("complexity_split"), {"probe_key": "p", "gen_key": "g"}).to_pylist()}
-    traced = {n for n in names if valid[n] and n not in ("e03", "e09")}  # e03: no parsed answer; e09: cut off
-    expected = {n for n, b in buckets.items() if b != "hard" or n in traced}
-    assert set(rows) == expected and {n: rows[n]["bucket"] for n in rows} == {n: buckets[n] for n in rows}
+    return names, buckets, teacher, choices
+
+
+@pytest.mark.parametrize("case", COMPLEXITY_CASES, ids=_name)
+def test_complexity_split_rows_match_the_reference_scripts(case: dict, workspace: Workspace) -> None:
+    """The split, then the rows the reference's training scripts build: stage 1 the teacher's parsed answer
+    (rows without one dropped), stage 2 every hard row with a teacher response under the script's own prompt."""
+    names, buckets, teacher, choices = _complexity_workspace(workspace)
+    params = {"probe_key": "p", "gen_key": "g", **{k: str(v).lower() for k, v in case.items()}}
+    rows = {r["example_id"]: r for r in run_recipe(workspace, load_recipe("complexity_split"), params).to_pylist()}
+    expected = oracles.complexity_rows(buckets, {n: f"ans-{n}" for n in names}, teacher, answer_source=case.get("answer_source", "distill"),
+                                       require_parsed=case.get("require_parsed", False), require_correct=case.get("require_correct", False))
+    assert {n: (r["stage"], r["assistant_text"]) for n, r in rows.items()} == expected
+    assert {n: r["bucket"] for n, r in rows.items()} == {n: buckets[n] for n in rows}
+    assert {buckets[n] for n, (stage, _) in expected.items() if stage == 2} == {"hard"} and len(expected) > 10
     for name, row in rows.items():
-        if buckets[name] == "hard":  # stage 2: the teacher's exact prompt and its trace
-            assert row["stage"] == 2 and row["prompt"] == [{"role": "user", "content": f"think about {name}"}]
-            assert row["assistant_text"] == f"steps for {name} [[1]]"
-        else:  # stage 1: the question with the answer-only instruction, the bare answer
-            assert row["stage"] == 1 and row["assistant_text"] == f"[[ans-{name}]]"
-            assert row["prompt"][-1]["content"] == f"q {name}\n\nAnswer with only one number in [[number]]."
-    correct = run_recipe(workspace, load_recipe("complexity_split"), {"probe_key": "p", "gen_key": "g", "require_correct": "true"})
-    assert "e05" not in correct.column("example_id").to_pylist() or buckets["e05"] != "hard"
+        if row["stage"] == 1:  # the question with the answer-only instruction
+            assert row["prompt"] == [{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": f" q {name}\n\n\nAnswer with only one number in [[number]]."}]
+        elif case.get("stage2_prompt") == "teacher":
+            assert row["prompt"] == [{"role": "user", "content": f"think about {name}"}]
+        else:  # the training script's prompt (Qwen_train_test_cot.py:149-159)
+            assert row["prompt"] == oracles.complexity_stage2_prompt(f" q {name}\n", choices.get(name))
+
+
+def test_complexity_split_stage_two_prompt_and_plans(workspace: Workspace) -> None:
+    names, buckets, teacher, choices = _complexity_workspace(workspace)
+    table = run_recipe(workspace, load_recipe("complexity_split"), {"probe_key": "p", "gen_key": "g"}).to_pylist()
+    with_options = next(r for r in table if r["stage"] == 2 and r["example_id"] in choices)
+    assert with_options["prompt"][1]["content"] == (f"Question: q {with_options['example_id']}\nOptions:\n1. alpha\n2. beta\n3. gamma\n"
+                                                    "Please analyze step by step and provide the answer.")
+    assert with_options["prompt"][0]["content"].startswith("The following are multiple choice questions. Explain")
     plans = {plan: run_recipe(workspace, load_recipe("complexity_split"), {"probe_key": "p", "gen_key": "g", "plan": plan}).to_pylist()
              for plan in ("answer_only", "distill", "alternative")}
-    assert {r["stage"] for r in plans["answer_only"]} == {1} and all(r["assistant_text"].startswith("[[") for r in plans["answer_only"])
+    answered = {n for n, r in teacher.items() if r.answer is not None and n in buckets}
+    assert {r["example_id"] for r in plans["answer_only"]} == answered and {r["stage"] for r in plans["answer_only"]} == {1}
+    traced = {n for n, r in teacher.items() if r.text and not r.truncated and n in buckets}
     assert {r["example_id"] for r in plans["distill"]} == traced and {r["stage"] for r in plans["distill"]} == {1}
     assert all((r["stage"] == 2) == (r["bucket"] == "hard") for r in plans["alternative"])
     assert all(r["assistant_text"].startswith("[[") == (r["bucket"] == "hard") for r in plans["alternative"])

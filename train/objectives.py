@@ -217,14 +217,16 @@ def qtuning_token_keep(nll: torch.Tensor, targets: torch.Tensor, lengths: torch.
     positions (prompt included); the positions of dropped samples count as removed; the rest is removed
     from the response tokens of the Q2 and Q2-like rows, highest s_t = (1-λ) ppl_t + λ (ppl_{t-1} + ppl_{t+1})
     first (ties: earlier row, then earlier position), where a prompt position has ppl 1 and a position before
-    the start or past the end 0. Returns (the kept targets [B, L], tokens removed from responses, the
-    reference's loss normaliser: the kept rows' predicted positions minus the removed tokens)."""
+    the start or past the end 0. At ``r_token`` = 1.0 no token is removed, whatever the budget says (the
+    reference prunes only when its token ratio != 1.0, trainer.py:683). Returns (the kept targets [B, L], tokens
+    removed from responses, the reference's loss normaliser: the kept rows' predicted positions minus the
+    removed tokens)."""
     kept_rows = torch.as_tensor(quadrants.kept, device=targets.device)
     pruned_rows = torch.as_tensor(quadrants.pruned, device=targets.device)
     predicted = (lengths - 1).clamp(min=0)
     total = int(predicted.sum())
     target = int(round(total * r_sample * r_token))
-    remaining = max(0, (total - target) - int(predicted[~kept_rows].sum()))
+    remaining = 0 if r_token == 1.0 else max(0, (total - target) - int(predicted[~kept_rows].sum()))
     width = targets.shape[1]
     inside = torch.arange(width, device=targets.device)[None, :] < lengths[:, None]
     inside[:, 0] = False  # nothing predicts token 0

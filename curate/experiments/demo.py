@@ -1,6 +1,6 @@
 """``make demo``: the whole pipeline on the bundled SmolLM2 and GSM8K, through the Python API.
 
-ingest -> score (vLLM, IFD) -> probe -> teacher traces for the probe's hard split -> calibrate (on a random
+ingest -> score (vLLM, IFD) -> probe -> teacher traces for every probed example -> calibrate (on a random
 10% of the demo pool, seed 42, merged) -> pair scores (KL) -> every recipe, with the tokens each trains ->
 export -> a small study: the two-stage complexity pipeline against random data at the same trained-token
 budget, one seed, evaluated on held-out problems -> pictures, and the HTML report of one selection.
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from curate.experiments.study.budget import TokenCounter
-from curate.experiments.study.prepare import examples_table
+from curate.experiments.study.prepare import examples_table, probed_examples
 from curate.experiments.study.run import run_study
 from curate.experiments.study.spec import Arm, StudySpec
 from curate.looks.plot import plot
@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     print(probed.summary())
     base.close()
 
-    step("teacher traces for the probe's hard split")
-    select(ws, load_recipe("probe_hard"), name="probe_hard", params={"probe_key": probed.key})
+    step("teacher traces for every probed example (complexity stage 1 trains their answers, stage 2 the hard ones' traces)")
     teacher = open_teacher(base_dir, max_len=2048)
-    traced = generate(ws, teacher, source="probe_hard", sampling=Sampling(n=2, temperature=0.7, max_tokens=size["trace_tokens"]))
+    sampling = Sampling(n=2, temperature=0.7, max_tokens=size["trace_tokens"])
+    traced = generate(ws, teacher, source=probed_examples(probed.key, split="pool"), sampling=sampling)
     teacher.close()
     print(traced.summary())
     print(f"best-of-2 (shortest correct): {choose_best(ws, traced.key, rule='shortest')} examples")

@@ -110,21 +110,3 @@ def test_the_gpqa_source_keeps_choices_subject_and_category(tmp_path: Path) -> N
         assert all(f"{letter}) {choice}" in question for letter, choice in zip("ABCD", fields["choices"]))
         assert messages[-1]["content"].endswith(f"Answer: {answer}")
 
-
-def test_the_teacher_answers_every_probed_example_not_only_the_hard_ones(tmp_path: Path) -> None:
-    """Complexity-aware stage 1 trains the teacher's parsed answers of the easy and middle examples
-    (Qwen_train_test_sft.py:184), so the study's and the demo's preparation generate for every example the
-    probe read validly in the split, hard or not."""
-    from curate.experiments.study.prepare import probed_examples
-    from curate.stages.generate import source_predicate
-    from test_recipes import examples, put
-
-    ws = Workspace(tmp_path / "ws")
-    examples(ws, [f"e{i}" for i in range(8)])
-    examples(ws, ["h0"], split="heldout")
-    put(ws, "probe_scores", [{"example_id": n, "probe_key": "p", "entropy": i / 10, "is_valid": n != "e3"}
-                             for i, n in enumerate([f"e{i}" for i in range(8)] + ["h0"])]
-        + [{"example_id": "e5", "probe_key": "other", "entropy": 1.0, "is_valid": True}])
-    predicate = source_predicate(ws, probed_examples("p", split="pool"))
-    picked = [r[0] for r in connect(ws).execute(f"select example_id from examples where {predicate} order by 1").fetchall()]
-    assert picked == ["e0", "e1", "e2", "e4", "e5", "e6", "e7"]  # e3: invalid probe answer; h0: held out

@@ -8,6 +8,7 @@ import math
 import pyarrow as pa
 import pytest
 
+from conftest import REPO
 from curate.store import schema
 from curate.stages.recipes import load_recipe
 from curate.stages.select import AuditError, run_recipe, select
@@ -130,6 +131,21 @@ def test_complexity_split(workspace: Workspace) -> None:
     assert report.rows == 5 and written["e1"]["messages"] == [
         {"role": "user", "content": "q e1\n\nAnswer with only one number in [[number]]."}, {"role": "assistant", "content": "[[7]]"}]
     assert written["e8"]["messages"][:2] == script and written["e8"]["stage"] == 2
+
+
+def test_probed_is_what_the_teacher_answers_every_valid_example_not_only_the_hard_ones(workspace: Workspace) -> None:
+    """Complexity-aware stage 1 trains the teacher's parsed answers of the easy and middle examples
+    (Qwen_train_test_sft.py:184): the study's and the demo's preparation generate from `probed`."""
+    examples(workspace, [f"e{i}" for i in range(8)])
+    examples(workspace, ["h0"], split="heldout")
+    put(workspace, "probe_scores", [{"example_id": n, "probe_key": "p", "entropy": i / 10, "entropy_norm": i / 10, "is_valid": n != "e3"}
+                                    for i, n in enumerate([f"e{i}" for i in range(8)] + ["h0"])]
+        + [{"example_id": "e5", "probe_key": "other", "entropy": 1.0, "is_valid": True}])
+    assert ids(workspace, "probed", probe_key="p") == ["e0", "e1", "e2", "e4", "e5", "e6", "e7"]  # e3: invalid; h0: held out
+    assert ids(workspace, "probed", probe_key="p", split="heldout") == ["h0"]
+    assert ids(workspace, "probe_hard", probe_key="p") == ["e6", "e7"]  # the old source: the hard quarter only
+    prepare_source = (REPO / "curate" / "experiments" / "study" / "prepare.py").read_text()
+    assert 'load_recipe("probed")' in prepare_source and 'load_recipe("probe_hard")' not in prepare_source
 
 
 def token_row(example: str, key: str, response: list[bool], **lists) -> dict:

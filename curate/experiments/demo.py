@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from curate.experiments.study.budget import TokenCounter
-from curate.experiments.study.prepare import examples_table, probed_examples
+from curate.experiments.study.prepare import examples_table
 from curate.experiments.study.run import run_study
 from curate.experiments.study.spec import Arm, StudySpec
 from curate.looks.plot import plot
@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     base.close()
 
     step("teacher traces for every probed example (complexity stage 1 trains their answers, stage 2 the hard ones' traces)")
+    select(ws, load_recipe("probed"), name="probed", params={"probe_key": probed.key})
     teacher = open_teacher(base_dir, max_len=2048)
     sampling = Sampling(n=2, temperature=0.7, max_tokens=size["trace_tokens"])
-    traced = generate(ws, teacher, source=probed_examples(probed.key, split="pool"), sampling=sampling)
+    traced = generate(ws, teacher, source="probed", sampling=sampling)
     teacher.close()
     print(traced.summary())
     print(f"best-of-2 (shortest correct): {choose_best(ws, traced.key, rule='shortest')} examples")

@@ -17,6 +17,7 @@ from curate.stages.generate import generate
 from curate.stages.probe import probe
 from curate.stages.recipes import load_recipe
 from curate.stages.score import pair_key, score, score_pair
+from curate.stages.select import select
 from curate.store.examples import example_predicate
 from curate.store.sql import connect
 from curate.store.workspace import Workspace
@@ -106,22 +107,14 @@ def prepare(workspace: Workspace, spec: StudySpec, folder: Path, *, progress: bo
         settings = dict(steps["traces"]) if isinstance(steps["traces"], dict) else {}
         if keys.probe is None:
             raise ValueError("prepare.traces generates for the probed examples: set prepare.probe = true too")
-        probed = probed_examples(keys.probe, split=settings.pop("split", "pool"))
+        probed = f"study_{spec.name}_probed"  # every validly probed example: stage 1 trains the teacher's answers too
+        select(workspace, load_recipe("probed"), name=probed, params={"probe_key": keys.probe, "split": settings.pop("split", "pool")})
         teacher = open_teacher(settings.pop("teacher", spec.model), dtype=spec.dtype, max_len=settings.pop("max_len", 2048))
         sampling = Sampling(n=settings.pop("n", 1), temperature=settings.pop("temperature", 0.0), max_tokens=settings.pop("max_tokens", 256))
         keys.traces = generate(workspace, teacher, source=probed, sampling=sampling, progress=progress).key
         teacher.close()
         choose_best(workspace, keys.traces, rule="shortest")
     return keys
-
-
-def probed_examples(probe_key: str, *, split: str) -> str:
-    """What the teacher answers (``generate --from``): every example of ``split`` the probe read validly, not only
-    the hard ones: complexity-aware stage 1 trains the teacher's parsed answers of the easy and middle examples
-    (Qwen_train_test_sft.py:184), stage 2 its traces of the hard ones."""
-    quoted = [value.replace("'", "''") for value in (probe_key, split)]
-    return ("select p.example_id from probe_scores p join examples e using (example_id) "
-            f"where p.probe_key = '{quoted[0]}' and p.is_valid and e.split = '{quoted[1]}'")
 
 
 def resolve_model(model: str) -> str:

@@ -70,7 +70,7 @@ def planned_steps(spec: StudySpec) -> dict[str, object]:
             if need == "ifd":
                 steps["ifd"] = True
     if steps.get("traces") and steps.get("probe") is False:
-        raise ValueError(f"study {spec.name}: prepare.traces generates for the probe's hard examples: set prepare.probe = true too")
+        raise ValueError(f"study {spec.name}: prepare.traces generates for the probed examples: set prepare.probe = true too")
     if steps.get("traces"):
         steps.setdefault("probe", True)
     return steps

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from curate.experiments.study.plant import PlantSettings, plant_settings
+
 TOLERANCE = 0.02
 
 
@@ -39,6 +41,11 @@ class StudySpec:
     engine: str = "vllm"
     dtype: str = "auto"
     full_seeds: int = 1  # the full-data reference trains on this many of the seeds
+    plant: dict[str, Any] = field(default_factory=dict)  # planted canaries: kind = share (and seed); see study.plant
+
+    @property
+    def planting(self) -> PlantSettings | None:
+        return plant_settings(self.plant, where=f"study {self.name}")
 
     @property
     def arm_names(self) -> list[str]:
@@ -100,4 +107,5 @@ def load_spec(path: str | Path) -> StudySpec:
         raise ValueError(f"{source}: seeds must list at least one seed")
     if not spec.name.replace("_", "").isalnum():
         raise ValueError(f"{source}: name {spec.name!r}: use letters, digits and underscores")
+    plant_settings(spec.plant, where=str(source))  # checked now, before anything runs
     return spec

@@ -102,14 +102,15 @@ def paired(differences: np.ndarray, *, arm: str, reference: str, lower_is_better
 
 def comparisons(rows: list[Mapping[str, object]], arms: list[str], *, references: tuple[str, ...] = ("random", "full"),
                 value: str = "answer_nll", lower_is_better: bool = True, seed: int = 0) -> list[Paired]:
-    """Every arm against each reference arm that has results (an arm is never compared with itself)."""
+    """Every arm against each reference arm that has results (never with itself, and a pair once: random against
+    full is full against random with the sign turned)."""
     present = {str(r["arm"]) for r in rows}
-    found = []
+    found: list[Paired] = []
     for reference in references:
         if reference not in present:
             continue
         for arm in arms:
-            if arm == reference or arm not in present:
+            if arm == reference or arm not in present or any(p.arm == reference and p.reference == arm for p in found):
                 continue
             result = compare(rows, arm=arm, reference=reference, value=value, lower_is_better=lower_is_better, seed=seed)
             if result is not None:

@@ -36,7 +36,7 @@ from curate.store import sql
 from curate.store.examples import example_predicate
 from curate.store.run_refs import resolve, runs_table
 from curate.store.sql import OUTPUT_FORMATS
-from curate.store.verify import IntegrityError, verify
+from curate.store.verify import IntegrityError, damage_advice, repair, verify
 from curate.store.workspace import Workspace
 
 DESCRIPTION = """\
@@ -64,8 +64,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"curate {args.command}: {err}", file=sys.stderr)
         return 3
     except (FileNotFoundError, ValueError, LookupError, IntegrityError) as err:
-        print(f"curate {args.command}: error: {err}", file=sys.stderr)
+        print(f"curate {args.command}: error: {_damaged(args) or err}", file=sys.stderr)
         return 1
+    except Exception:  # pyarrow or DuckDB meeting a damaged part: say how to repair it (anything else as it is)
+        damaged = _damaged(args)
+        if damaged is None:
+            raise
+        print(f"curate {args.command}: error: {damaged}", file=sys.stderr)
+        return 1
+
+
+def _damaged(args: argparse.Namespace) -> str | None:
+    """When the workspace holds unreadable parts: what to do (not a raw "magic bytes" error)."""
+    workspace = getattr(args, "workspace", None)
+    return damage_advice(workspace) if isinstance(workspace, Workspace) and args.command != "verify" else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -750,16 +762,23 @@ def _add_verify(verbs: argparse._SubParsersAction) -> None:
         "verify",
         "Check the workspace: duplicate rows on each table's grain, orphans (rows whose example, trace or score run "
         "is missing), parts that do not parse, temporary files a killed writer left. Exit status 1 when anything "
-        "is wrong. --clean removes stale temporaries (never while a writer is running).",
-        "curate verify --workspace ws --clean",
+        "is wrong. --clean removes stale temporaries (never while a writer is running). --repair moves unreadable "
+        "parts and leftovers into WS/.curate/quarantine/ and says which stage re-run restores their rows.",
+        "curate verify --workspace ws --repair",
         _run_verify,
     )
     _workspace_arg(parser)
     parser.add_argument("--clean", action="store_true", help="remove temporary files left by writers that died")
+    parser.add_argument("--repair", action="store_true", help="move unreadable parts and stale temporaries into "
+                        ".curate/quarantine/ (nothing deleted) and print the re-runs that restore their rows")
 
 
 def _run_verify(args: argparse.Namespace) -> int:
 
+    if args.repair:
+        report = repair(args.workspace)
+        print(report.summary())
+        return 0 if report.ok_but_orphans else 1
     report = verify(args.workspace, clean=args.clean)
     print(report.summary())
     return 0 if report.ok else 1

@@ -50,8 +50,10 @@ def connect(workspace: Workspace | str | Path, *, database: str = ":memory:",
                 f"select * from read_parquet({pattern}, union_by_name = true)"
             )
         except duckdb.Error as err:  # a damaged part: the other tables stay usable
-            print(f"warning: table {name} is left out: {str(err).splitlines()[0]} (see curate verify --workspace {ws.root})",
-                  file=sys.stderr)
+            damaged = "magic bytes" in str(err) or "too small to be a Parquet file" in str(err)
+            reason = "a part of it is damaged (unreadable)" if damaged else str(err).splitlines()[0]
+            print(f"warning: table {name} is left out: {reason}; `curate verify --workspace {ws.root} --repair` moves "
+                  "damaged parts aside and says which re-run restores them", file=sys.stderr)
     return con
 
 

@@ -4,15 +4,29 @@ parts that do not parse.
 Every stage runs ``check_tables`` over the tables it wrote before it returns, so a bug that doubles rows is
 caught where it happens, not in a recipe's result. ``verify`` checks everything and can remove the
 temporaries a killed writer left behind (``--clean``; never while a writer holds the lock).
+
+``--repair`` (``repair``) moves the parts that do not parse and the temporaries a dead writer left into
+``WS/.curate/quarantine/<time>/`` (nothing is deleted; ``repair.json`` there lists the moves), and says which
+stage re-run restores what each held: every stage skips what it finds present, so re-running it adds back
+exactly the missing rows (ingest re-adds the lost examples and rejects, score re-scores the lost examples and
+rebuilds sample_scores, select writes its selection again). A command that meets an unreadable part says to
+run it (``damage_advice``).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import os
+import shlex
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from curate.kernel.atomic import is_stale, is_temporary
+from curate.kernel.atomic import is_stale, is_temporary, write_atomic_text
 from curate.kernel.lock import active_holder, holds_lock
+from curate.kernel.runs import RUNS_TABLE
 from curate.store.sql import connect
 from curate.store.workspace import Workspace
 
@@ -55,6 +69,9 @@ class VerifyReport:
     temporaries: list[str] = field(default_factory=list)  # left by writers that died
     in_progress: list[str] = field(default_factory=list)  # of writers still running
     writer: dict | None = None  # the process writing now, if any
+    quarantined: list[str] = field(default_factory=list)  # what --repair moved (relative paths, as they were)
+    quarantine: str | None = None  # where it went
+    restores: dict[str, list[str]] = field(default_factory=dict)  # table -> what restores its quarantined rows
 
     @property
     def ok(self) -> bool:
@@ -70,8 +87,26 @@ class VerifyReport:
         lines += [f"temporary (a write in progress): {path}" for path in self.in_progress]
         if self.writer:
             lines.append(f"being written now by pid {self.writer.get('pid')} ({self.writer.get('command')})")
-        lines.append("workspace is whole" if self.ok else "problems found")
+        if self.unreadable:
+            lines.append("curate verify --repair moves the unreadable parts aside and says which re-run restores their rows")
+        if self.quarantined:
+            lines.append(f"moved into {self.quarantine} (nothing deleted):")
+            lines += [f"  {path}" for path in self.quarantined]
+            for table, steps in sorted(self.restores.items()):
+                lines.append(f"to restore {table}:")
+                lines += [f"  {step}" for step in steps]
+        if self.ok:
+            lines.append("workspace is whole" + (" (the re-runs listed bring back the rows that were moved)" if self.quarantined else ""))
+        elif self.quarantined and self.ok_but_orphans:
+            lines.append("repaired: the orphans above are rows whose examples were moved; the re-runs listed restore them")
+        else:
+            lines.append("problems found")
         return "\n".join(lines)
+
+    @property
+    def ok_but_orphans(self) -> bool:
+        """Whole but for orphans: what a repair leaves until the stages are re-run (rows whose examples it moved)."""
+        return not (self.duplicates or self.unreadable or self.temporaries)
 
 
 def grain_of(table: str) -> tuple[str, ...] | None:
@@ -125,7 +160,8 @@ def verify(workspace: Workspace, *, clean: bool = False) -> VerifyReport:
     if not workspace.root.is_dir():
         raise FileNotFoundError(f"workspace {workspace.root} does not exist")
     report = VerifyReport()
-    temporaries = [p for p in workspace.root.rglob(".*") if is_temporary(p)]
+    quarantine = workspace.root / QUARANTINE
+    temporaries = [p for p in workspace.root.rglob(".*") if is_temporary(p) and quarantine not in p.parents]
     report.temporaries = sorted(str(p.relative_to(workspace.root)) for p in temporaries if is_stale(p))
     report.in_progress = sorted(str(p.relative_to(workspace.root)) for p in temporaries if not is_stale(p))
     report.writer = None if holds_lock(workspace.root) else active_holder(workspace.root)
@@ -137,14 +173,7 @@ def verify(workspace: Workspace, *, clean: bool = False) -> VerifyReport:
     tables = workspace.tables()
     readable = {}
     for name, folder in tables.items():
-        broken = []
-        for part in sorted(folder.glob("*.parquet")):
-            if part.name.startswith("."):
-                continue
-            try:
-                pq.read_metadata(part)
-            except Exception:  # pyarrow raises several types for a damaged file
-                broken.append(str(part.relative_to(workspace.root)))
+        broken = _unreadable(folder, workspace.root)
         report.unreadable += broken
         if not broken:
             readable[name] = folder
@@ -160,3 +189,127 @@ def verify(workspace: Workspace, *, clean: bool = False) -> VerifyReport:
         if orphans:
             report.orphans[name] = orphans
     return report
+
+
+QUARANTINE = Path(".curate") / "quarantine"
+
+# table -> the stage whose re-run restores its rows, and how
+RESTORES = {
+    "examples": ("ingest", "re-ingest the same sources with the same options (it adds back only the examples not present)"),
+    "rejects": ("ingest", "re-ingest the same sources (the rejected rows are found again)"),
+    "token_scores": ("score", "re-run the scoring (only the examples without rows are scored again; sample_scores is rebuilt)"),
+    "sample_scores": ("score", "re-run the scoring (nothing is scored again: sample_scores is rebuilt from token_scores)"),
+    "pair_scores": ("pair", "re-run the pair scoring (only the examples without rows)"),
+    "probe_scores": ("probe", "re-run the probe (only the examples without rows)"),
+    "traces": ("generate", "re-run the generation (only the requests without traces; best-of-n is chosen again)"),
+    "best_traces": ("generate", "re-run the generation (nothing is generated again: best-of-n is chosen again at its end)"),
+}
+
+
+def _unreadable(folder: Path, root: Path) -> list[str]:
+    """The parts of one table folder whose Parquet footer does not parse (relative to the workspace)."""
+    import pyarrow.parquet as pq
+
+    broken = []
+    for part in sorted(folder.glob("*.parquet")):
+        if part.name.startswith("."):
+            continue
+        try:
+            pq.read_metadata(part)
+        except Exception:  # pyarrow raises several types for a damaged file
+            broken.append(str(part.relative_to(root)))
+    return broken
+
+
+def unreadable_parts(workspace: Workspace) -> list[str]:
+    """Every part in the workspace that does not parse (a footer read each: cheap)."""
+    return [path for folder in workspace.tables().values() for path in _unreadable(folder, workspace.root)]
+
+
+def damage_advice(workspace: Workspace) -> str | None:
+    """What to tell a user whose command met a damaged workspace (None when every part parses)."""
+    if not workspace.root.is_dir():
+        return None
+    broken = unreadable_parts(workspace)
+    if not broken:
+        return None
+    shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+    return (f"{len(broken)} part(s) of the workspace are unreadable (damaged on disk: {shown}). Run `curate verify "
+            f"--workspace {workspace.root} --repair`: it moves them into {workspace.root / QUARANTINE} and says which "
+            "stage re-run restores their rows")
+
+
+def repair(workspace: Workspace) -> VerifyReport:
+    """Move unreadable parts and stale temporaries into the quarantine, then check again; the report says which
+    re-run restores each table (taken from the run records and the selections' manifests)."""
+    with workspace.writing("curate verify --repair"):  # nobody writes while parts move
+        found = verify(workspace)
+        moving = found.unreadable + found.temporaries
+        folder = workspace.root / QUARANTINE / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        moves = []
+        for relative in moving:
+            source = workspace.root / relative
+            # a temporary keeps its name without the leading dot: in the quarantine it is no writer's temporary
+            target = folder / Path(relative).parent / source.name.lstrip(".")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(source), str(target))
+            moves.append({"from": relative, "to": str(target.relative_to(workspace.root))})
+        report = verify(workspace)
+        report.quarantined = moving
+        if moving:
+            report.quarantine = str(folder)
+            broken_tables = sorted({_table_of(workspace, relative) for relative in found.unreadable} - {None})
+            report.restores = {table: _restore(workspace, table) for table in broken_tables}
+            write_atomic_text(folder / "repair.json", json.dumps({"moved": moves, "restores": report.restores}, indent=2) + "\n")
+    return report
+
+
+def _table_of(workspace: Workspace, relative: str) -> str | None:
+    folder = (workspace.root / relative).parent
+    parts = folder.relative_to(workspace.root).parts
+    return "_".join(parts) if parts else None
+
+
+def _restore(workspace: Workspace, table: str) -> list[str]:
+    """The re-run that restores a table's quarantined rows: the recorded commands of that stage's finished runs."""
+    if table == RUNS_TABLE:
+        return ["nothing to re-run: the record of a run is lost, the rows it made are intact (`curate runs` lists the rest)"]
+    if table.startswith("selections_"):
+        return [_select_command(workspace, table.removeprefix("selections_"))]
+    if table not in RESTORES:
+        return [f"re-run the command that wrote {table}"]
+    stage, how = RESTORES[table]
+    stages = ("score", "pair") if stage == "score" else (stage,)
+    commands = list(dict.fromkeys(_command(r["command"]) for r in _finished_runs(workspace) if r["stage"] in stages and r["command"]))
+    return [f"{how}; the {' and '.join(stages)} runs recorded here:"] + [f"  {c}" for c in commands[:6]] if commands else [how]
+
+
+def _finished_runs(workspace: Workspace) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    parts = workspace.parts(RUNS_TABLE)
+    if not parts:
+        return []
+    rows = pq.read_table([str(p) for p in parts], columns=["stage", "status", "command", "started_at"]).to_pylist()
+    return sorted((r for r in rows if r["status"] == "finished"), key=lambda r: r["started_at"])
+
+
+def _command(recorded: str) -> str:
+    """A recorded command line as a user types it (the program's path shortened to ``curate``)."""
+    words = recorded.split(" ")
+    if words and os.path.basename(words[0]) in ("curate", "cli.py", "__main__.py"):
+        words[0] = "curate"
+    return " ".join(words)
+
+
+def _select_command(workspace: Workspace, name: str) -> str:
+    manifest_file = workspace.table_dir(f"selections/{name}") / "manifest.json"
+    if not manifest_file.is_file():
+        return f"re-run `curate select RECIPE --name {name}` as it was made"
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("subset"):
+        return f"re-run the study that made it (`curate study`): {name} is a study's subset ({manifest['subset']})"
+    path = Path(manifest.get("recipe_path") or manifest["recipe"])
+    recipe = manifest["recipe"] if path.parent.name == "recipes" and path.parent.parent.name == "sql" else str(path)
+    params = [f"--param {shlex.quote(f'{k}={v}')}" for k, v in sorted((manifest.get("parameters") or {}).items())]
+    return " ".join(["curate select", shlex.quote(recipe), "--workspace", shlex.quote(str(workspace.root)), "--name", name, *params])

@@ -14,7 +14,8 @@ from conftest import REPO, write_parquet
 from curate.kernel.chat_tokens import tokenize_chat
 from train.data import DataError, load_examples, read_table
 from train.objectives import token_stats
-from train.sft import TrainConfig, collate, load_model, run_calibrate, run_sft, train
+from train.packing import head_only_at, pack, packed_attention, packed_nll
+from train.sft import TrainConfig, collate, load_model, packed_sft_objective, run_calibrate, run_sft, train
 
 GOLDEN = REPO / "tests" / "golden" / "tiny_sft_first_losses.json"
 
@@ -80,8 +81,12 @@ def test_masked_tokens_contribute_nothing_to_the_gradient(tiny_model_dir: Path, 
         assert torch.allclose(mine, theirs, atol=1e-6)
 
 
-def test_golden_first_losses(chats_parquet: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
-    _, _, summary = train(_config(chats_parquet, tiny_model_dir, tmp_path, max_steps=3), progress=False)
+@pytest.mark.parametrize("batching", ["packed", "padded"])
+def test_golden_first_losses(batching: str, chats_parquet: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The same golden losses whether the micro-batches are packed (the default for plain SFT) or padded."""
+    _, _, summary = train(_config(chats_parquet, tiny_model_dir, tmp_path, max_steps=3, batching=batching), progress=False)
+    assert summary["batching"] == batching
+    assert all((r["positions"] == r["tokens"]) == (batching == "packed") for r in summary["log"])  # padding only if padded
     losses = [round(r["loss"], 5) for r in summary["log"]]
     if not GOLDEN.exists():  # first run on a new recipe: record, and say so
         GOLDEN.write_text(json.dumps({"losses": losses, "torch": torch.__version__}, indent=2) + "\n")
@@ -90,9 +95,57 @@ def test_golden_first_losses(chats_parquet: Path, tiny_model_dir: Path, tmp_path
     assert losses == pytest.approx(golden, abs=2e-4)
 
 
+def test_packed_micro_batches_give_the_padded_per_token_losses_and_gradients(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """One micro-batch of examples of different lengths, weights and masks: packed into one row (attention cut at
+    the examples' boundaries, the head only at trained positions) it gives every trained token the NLL the padded
+    batch gives it, and the same loss and gradient; without the boundaries the tokens would see the examples
+    before them (the check can fail)."""
+    config = _config(tmp_path, tiny_model_dir, tmp_path, lora_r=0)
+    model, tokenizer = load_model(config)
+    rows = _chats(5)
+    rows[2]["messages"][1]["content"] *= 4  # a long one among short ones: the padded batch is mostly padding
+    examples, _ = load_examples(__import__("pyarrow").Table.from_pylist(rows), tokenizer, max_len=128, source="test")
+    examples[1].targets[-4:] = [False] * 4
+    examples[3].weight = 2.5
+    padded = collate(examples, tokenizer.pad_token_id)
+    stats = token_stats(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits, padded["input_ids"],
+                        with_entropy=False)
+    reference = stats.nll[padded["targets"]]  # row-major: example by example, position by position, as packed
+    reference_loss = (stats.nll * padded["targets"].float() * padded["weights"][:, None]).sum()
+    reference_loss.backward()
+    reference_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    batch = pack(examples, device="cpu")
+    assert batch.tokens == sum(len(e.input_ids) for e in examples) < padded["input_ids"].numel()
+    with packed_attention(model) as packable:
+        assert packable
+        nll = packed_nll(model, batch)
+    assert model.config._attn_implementation == "sdpa"  # restored: saved checkpoints name the standard attention
+    assert nll.shape == reference.shape and (nll - reference).abs().max() < 1e-5
+    result = packed_sft_objective(nll, batch.weights)
+    assert result.units == int(padded["targets"].sum())
+    assert float(result.loss.detach()) == pytest.approx(float(reference_loss.detach()), rel=1e-6)
+    result.loss.backward()
+    for mine, theirs in zip((p.grad for p in model.parameters()), reference_grads):
+        assert torch.allclose(mine, theirs, atol=1e-5)
+    with torch.no_grad():  # one causal row without the boundaries: the later examples' losses change
+        with head_only_at(model, batch.predictors):
+            logits = model(input_ids=batch.input_ids).logits
+    unbounded = torch.nn.functional.cross_entropy(logits, batch.labels, reduction="none")
+    assert (unbounded - reference).abs().max() > 1e-2
+
+
+def test_packing_is_for_plain_sft(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--batching packed is for plain SFT; --method eksft"):
+        TrainConfig(data="d", model="m", out="o", method="eksft", batching="packed")
+    with pytest.raises(ValueError, match="unknown batching 'tight'"):
+        TrainConfig(data="d", model="m", out="o", batching="tight")
+
+
 @pytest.mark.parametrize("method", ["eksft", "qtuning"])
 def test_online_methods_log_what_they_keep(method: str, chats_parquet: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     summary = run_sft(_config(chats_parquet, tiny_model_dir, tmp_path / method, method=method, max_steps=2, r_sample=0.5), progress=False)
+    assert summary["batching"] == "padded"  # they select per sequence over [B, L]: auto pads them
     for record in summary["log"]:
         assert 0 < record["kept_tokens"] < record["targets"]
         if method == "eksft":  # per sequence, k = floor(0.2 n) by each signal: between k and 2k per row

@@ -23,6 +23,7 @@ from train.objectives import (
     QTUNING_SEARCH,
 )
 from train.sft import (
+    BATCHINGS,
     METHODS,
     PRESETS,
     SCHEDULERS,
@@ -126,6 +127,10 @@ def _training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help=f"examples per micro-batch (default {defaults.batch_size})")
     parser.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    parser.add_argument("--batching", choices=BATCHINGS,
+                        help="packed: each micro-batch's examples in one row, no padding, attention within each example (plain "
+                             "SFT); padded: rows padded to the longest; auto (default): packed for plain SFT, padded for "
+                             "--method eksft|qtuning (they select per sequence). The same examples per micro-batch either way")
     parser.add_argument("--split", help="keep only rows of this split (e.g. pool)")
     parser.add_argument("--limit", type=int, help="first N rows only")
     parser.add_argument("--precision", choices=PRECISIONS,
@@ -137,7 +142,7 @@ def _training_args(parser: argparse.ArgumentParser) -> None:
 
 
 TRAINING_OPTIONS = ("method", "lora_r", "epochs", "lr", "scheduler", "warmup_ratio", "weight_decay", "adam_beta2", "max_len",
-                    "batch_size", "grad_accum", "max_steps", "split", "limit", "precision", "seed", "stage", "fraction",
+                    "batch_size", "grad_accum", "max_steps", "batching", "split", "limit", "precision", "seed", "stage", "fraction",
                     "eksft_ratio", "eksft_combine", "eksft_lambda_entropy", "eksft_lambda_kl", "eksft_normalise",
                     "keep_end_of_turn", "r_sample", "r_token", "smoothing", "qtuning_entropy", "qtuning_search", "qtuning_normalise")
 

@@ -5,6 +5,12 @@ Loss: the sum over trained tokens of weight × NLL, divided by the number of tra
 optimizer step (every micro-batch of the gradient accumulation), so accumulation never changes the scale.
 The online methods decide their masks after the forward pass, so gradients are summed unscaled and divided
 by the step's kept-token count just before the optimizer step.
+
+Batching (``batching``): plain SFT packs each micro-batch's examples into one row with no padding, attention
+kept within each example and the output head run only at trained positions (train.packing; the same
+per-token losses as padded batches). EKSFT and Q-Tuning select per sequence and per micro-batch over a [B, L]
+layout (Q-Tuning's budget counts every predicted position, prompt included), so they train on padded
+micro-batches of the same composition. Either way a micro-batch holds the same examples, in the same order.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from curate.kernel.keys import run_key
 from curate.kernel.machine import PRECISIONS, device, resolve_precision
 from curate.kernel.runs import model_names, recorded_run
 from train.data import TrainExample, load_examples, read_table, sample_fraction
+from train.packing import pack, packed_attention, packed_nll
 from train.objectives import (
     EKSFT_COMBINE,
     EKSFT_NORMALISE,
@@ -42,6 +49,7 @@ from train.objectives import (
 )
 
 METHODS = ("sft", "eksft", "qtuning")
+BATCHINGS = ("auto", "packed", "padded")  # auto: packed for plain SFT, padded for the online methods
 SCHEDULERS = ("linear", "cosine", "constant")
 
 
@@ -79,6 +87,7 @@ class TrainConfig:
     split: str | None = None  # keep only rows of this split (a `split` column, as in curate's examples)
     limit: int | None = None  # first N rows only
     fraction: float | None = None  # random share of rows (calibration's warm-up slice)
+    batching: str = "auto"  # packed (plain SFT: one row per micro-batch, no padding), padded, or auto (packed where it applies)
     precision: str = "auto"  # autocast: auto = bfloat16 where native (GPUs, CPUs with AVX-512 BF16 or AMX), else float32
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -86,6 +95,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.batching not in BATCHINGS:
+            raise ValueError(f"unknown batching {self.batching!r}; choose one of {', '.join(BATCHINGS)}")
+        if self.batching == "packed" and self.method != "sft":
+            raise ValueError(f"--batching packed is for plain SFT; --method {self.method} selects per sequence over padded "
+                             "micro-batches: use --batching padded or auto")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         for name in ("eksft_ratio", "r_sample", "r_token", "smoothing", "warmup_ratio"):
@@ -254,21 +268,46 @@ def train(config: TrainConfig, *, progress: bool = True) -> tuple[Any, Any, dict
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, config.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(config, len(steps)))
     model.train()
+    with packed_attention(model) as packable:
+        if config.batching == "packed" and not packable:
+            raise ValueError(f"--batching packed needs the model's attention to be sdpa, not {model.config._attn_implementation!r}: "
+                             "use --batching padded")
+        packed = packable and config.method == "sft" and config.batching != "padded"
+        log = _loop(config, model, reference, tokenizer, steps, trainable, optimizer, scheduler, packed=packed, progress=progress)
+    model.eval()
+    summary = {"steps": len(log), "examples": len(examples), "load": asdict(load_report), "batching": "packed" if packed else "padded",
+               "seconds": log[-1]["seconds"] if log else 0.0, "tokens_seen": sum(r["tokens"] for r in log),
+               "first_loss": log[0]["loss"] if log else None, "last_loss": log[-1]["loss"] if log else None, "log": log}
+    return model, tokenizer, summary
+
+
+def _loop(config: TrainConfig, model: Any, reference: Any, tokenizer: Any, steps: list[list[list[TrainExample]]],
+          trainable: list[torch.nn.Parameter], optimizer: Any, scheduler: Any, *, packed: bool, progress: bool) -> list[dict[str, Any]]:
+    """The optimizer steps; one log record each (loss, lr, counts, and the tokens and computed positions)."""
     log: list[dict[str, Any]] = []
     started, tokens_seen = time.perf_counter(), 0
     bar = tqdm(steps, desc=f"train {config.method}", unit=" step", disable=not progress, file=sys.stderr)
     for step, micro_batches in enumerate(bar, start=1):
-        loss_sum, units, record = 0.0, 0.0, {"step": step}
+        loss_sum, units, record = 0.0, 0.0, {"step": step, "tokens": 0, "positions": 0}
         for micro in micro_batches:
-            batch = collate(micro, tokenizer.pad_token_id)
-            with _autocast(config):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            stats = token_stats(logits, batch["input_ids"], with_entropy=config.method != "sft")
-            result = objective(config, model, reference, batch, stats)
+            if packed:
+                batch = pack(micro, device=device())
+                with _autocast(config):
+                    result = packed_sft_objective(packed_nll(model, batch), batch.weights)
+                tokens = positions = batch.tokens
+            else:
+                batch = collate(micro, tokenizer.pad_token_id)
+                with _autocast(config):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                stats = token_stats(logits, batch["input_ids"], with_entropy=config.method != "sft")
+                result = objective(config, model, reference, batch, stats)
+                tokens, positions = int(batch["attention_mask"].sum()), batch["input_ids"].numel()
             result.loss.backward()
             loss_sum += float(result.loss.detach())
             units += result.units
-            tokens_seen += int(batch["attention_mask"].sum())
+            tokens_seen += tokens
+            record["tokens"] += tokens
+            record["positions"] += positions  # rows x width: the padding is positions - tokens
             for name, value in result.info.items():  # counts summed over the step's micro-batches
                 record[name] = record.get(name, 0) + value
         if "kl_sum" in record:  # EKSFT: mean KL over the step's target tokens
@@ -288,11 +327,14 @@ def train(config: TrainConfig, *, progress: bool = True) -> tuple[Any, Any, dict
         log.append(record)
         bar.set_postfix_str(f"loss {record['loss']:.3f}, {record['tokens_per_s']:,.0f} tok/s")
     bar.close()
-    model.eval()
-    summary = {"steps": len(log), "examples": len(examples), "load": asdict(load_report), "seconds": time.perf_counter() - started,
-               "tokens_seen": tokens_seen, "first_loss": log[0]["loss"] if log else None, "last_loss": log[-1]["loss"] if log else None,
-               "log": log}
-    return model, tokenizer, summary
+    return log
+
+
+def packed_sft_objective(nll: torch.Tensor, weights: torch.Tensor) -> Objective:
+    """Plain SFT on a packed micro-batch: weight x NLL summed over its trained tokens ([K] each: ``sft_objective``
+    on a flat list of trained tokens), normalised by the step's trained tokens."""
+    count = int(nll.shape[0])
+    return Objective((nll * weights).sum(), count, torch.ones_like(nll, dtype=torch.bool), {"targets": count, "kept_tokens": count})
 
 
 def run_sft(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:

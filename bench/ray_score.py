@@ -4,8 +4,8 @@
 
 Each path is the real command in a fresh process and a fresh workspace (GSM8K ingested, the first N chats),
 shards of 32 examples. Two figures per path:
-  wall            the whole command, start-ups included (Ray: the cluster, one worker opening the model
-                  once to learn the run key, then the replicas' engines)
+  wall            the whole command, start-ups included (Ray: the cluster and the replicas' engines; the run
+                  key comes from the model's files on the driver, no engine is opened to learn it)
   steady tok/s    tokens scored after the first shard landed, over the time between the first and the last
                   written part: the throughput once every engine is up
 The overhead is against the one-process run.

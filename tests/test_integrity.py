@@ -123,16 +123,16 @@ def test_reingesting_with_another_split_or_answer_rule_is_refused(tmp_path: Path
 
 def test_a_bad_filter_fails_before_any_model_loads_and_a_whole_query_works(chats: Workspace, tiny_model_dir: Path, capsys,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import curate.cli
+    import curate.stages.pipeline as pipeline
 
-    real = curate.cli.open_scorer
-    monkeypatch.setattr(curate.cli, "open_scorer", lambda *a, **k: pytest.fail("a model was loaded"))
+    real = pipeline.open_scorer
+    monkeypatch.setattr(pipeline, "open_scorer", lambda *a, **k: pytest.fail("a model was loaded"))
     assert main(["score", "-w", str(chats.root), "--model", "any", "--where", "select example_id from examples limt 4"]) == 1
     error = capsys.readouterr().err
     assert "is not usable SQL" in error and "whole query that returns example_id" in error
     assert main(["generate", "-w", str(chats.root), "--teacher", "any", "--from", "split = "]) == 1
     assert "--from 'split = ' is not usable SQL" in capsys.readouterr().err
-    monkeypatch.setattr(curate.cli, "open_scorer", real)
+    monkeypatch.setattr(pipeline, "open_scorer", real)
     query = "select example_id from examples order by example_id limit 4"
     assert main(["score", "-w", str(chats.root), "--model", str(tiny_model_dir), "--engine", "transformers", "--dtype", "float32",
                  "--where", query, "--quiet"]) == 0

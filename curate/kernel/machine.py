@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+LOW_PRECISIONS = ("bfloat16", "float16")  # a head in these recomputes its likely logits in float32 (curate.models.head)
 
 
 def device() -> str:

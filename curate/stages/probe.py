@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import re
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -25,23 +24,20 @@ from tqdm import tqdm
 
 from curate.kernel.chat_tokens import encode_text
 from curate.kernel.keys import run_key
-from curate.kernel.runs import recorded_run
 from curate.models.head import position_signals
-from curate.models.scorer import Scorer, ScorerCard, describe_scorer, open_scorer
+from curate.models.scorer import Scorer, ScorerCard, open_scorer, scorer_card
 from curate.stages.prompts import PromptTemplate, pick, templates_for
 from curate.stages.records import example_fields
+from curate.stages.runner import CountProgress, Plan, StageRun, run_stage
 from curate.stages.shards import (
     Output,
     RaySettings,
     check_replica_key,
-    merge_counts,
-    on_worker,
-    shard_outputs,
+    replica_precision,
 )
 from curate.store import schema
-from curate.store.examples import done_ids, example_predicate, pending_examples
+from curate.store.examples import described, done_ids, example_predicate
 from curate.store.score_tables import table_from_columns
-from curate.store.verify import check_tables
 from curate.store.workspace import Workspace
 
 _NUMERIC_START = re.compile(r"[-$]?\d+|[-$]")
@@ -95,7 +91,7 @@ class ProbeSpec:
 
 
 def probe_spec(scorer: Scorer | ScorerCard, templates: dict[str, PromptTemplate]) -> ProbeSpec:
-    return ProbeSpec(scorer.identity.spec(), scorer.engine.name, scorer.engine.max_len, scorer.spec.head_candidates,
+    return ProbeSpec(scorer.spec.model, scorer.engine.name, scorer.engine.max_len, scorer.spec.head_candidates,
                      scorer.options.identity(), {k: t.version for k, t in sorted(templates.items())})
 
 
@@ -120,30 +116,21 @@ def probe(
     spec = probe_spec(scorer, templates)
     key = run_key(spec)
     report = ProbeReport(key)
-    parameters = {"spec": spec, "model": scorer.model, "path": scorer.identity.path, "where": where,
+    parameters = {"spec": spec, "model": scorer.model, "path": scorer.identity.path, "where": described(where),
                   "templates": {k: {"name": t.name, "version": t.version, "text": t.text} for k, t in templates.items()}}
-    with workspace.writing(), recorded_run(workspace.root, "probe", key, models=scorer.identity.names(), parameters=parameters,
-                                           fingerprints={scorer.model: scorer.identity.fingerprint}) as record:
+    run = StageRun("probe", key, scorer.identity.names(), parameters, {scorer.model: scorer.identity.fingerprint},
+                   ("probe_scores",), ("example_id", "messages", "reference_answer", "meta"), shard_size)
+
+    def plan(con: Any, picked: list[tuple[str, int]]) -> Plan:
         done = done_ids(workspace, "probe_scores", "probe_key", key)
-        started = time.perf_counter()
-        picked = pending_examples(workspace, predicate, set())
         report.already_done = sum(i in done for i, _ in picked)
-        bar = tqdm(total=len(picked) - report.already_done, desc="probe", unit=" ex", disable=not progress, file=sys.stderr)
-        here = None if ray else ShardProber(scorer, templates, key)  # type: ignore[arg-type]
-        job = ProbeJob(ray.opener, template, key) if ray else None
-        columns = ("example_id", "messages", "reference_answer", "meta")
-        for outputs, counts in shard_outputs(workspace, predicate, shard_size, columns, skip=done, work=here, job=job, ray=ray):
-            for table, rows in outputs:
-                workspace.write_part(table, rows, schema=schema.PROBE_SCORES)
-            merge_counts(report, counts)
-            bar.update(counts["examples"])
-        bar.close()
-        report.seconds = time.perf_counter() - started
-        _summarise(workspace, report)
-        record.counts = vars(report)
-        workspace.write_manifest("probe", {"key": key, **parameters, "report": vars(report)})
-    check_tables(workspace, ["probe_scores"])
-    return report
+        bar = CountProgress(tqdm(total=len(picked) - report.already_done, desc="probe", unit=" ex", disable=not progress,
+                                 file=sys.stderr), "examples")
+        if ray is not None:
+            return Plan(done, bar, job=ProbeJob(ray.opener, template, key))
+        return Plan(done, bar, work=ShardProber(scorer, templates, key))  # type: ignore[arg-type]
+
+    return run_stage(workspace, run, report, predicate=predicate, plan=plan, ray=ray, finish=lambda con: _summarise(workspace, report))
 
 
 def probe_on_ray(workspace: Workspace, settings: RaySettings, *, template: str = "auto", where: str | None = None,
@@ -151,7 +138,7 @@ def probe_on_ray(workspace: Workspace, settings: RaySettings, *, template: str =
     """``probe`` on a Ray cluster's replicas, each opening ``settings.opener`` (open_scorer's keywords)."""
     example_predicate(workspace, where)
     templates_for(template, purpose="answer_only")  # a bad template fails before any engine starts
-    card = on_worker(settings.address, describe_scorer, settings.opener)
+    card = scorer_card(**settings.opener, precision=replica_precision(settings))  # no engine opened here
     return probe(workspace, card, template=template, where=where, shard_size=shard_size, progress=progress, ray=settings)
 
 
@@ -166,8 +153,9 @@ class ShardProber:
     def __call__(self, shard: list[dict[str, Any]]) -> Output:
         report = ProbeReport(self.key)
         asked = [a for a in (_ask(self.scorer, self.templates, row, report) for row in shard) if a is not None]
-        outputs = [("probe_scores", _probe_table(self.scorer, self.key, asked))] if asked else []
-        return outputs, {"probed": len(asked), "skipped": report.skipped, "examples": len(shard)}
+        table = _probe_table(self.scorer, self.key, asked) if asked else None
+        outputs = [("probe_scores", table)] if table is not None else []
+        return outputs, {"probed": table.num_rows if table is not None else 0, "skipped": report.skipped, "examples": len(shard)}
 
 
 @dataclass(frozen=True)
@@ -238,19 +226,24 @@ def _ask(scorer: Scorer, templates: dict[str, PromptTemplate], row: dict[str, An
                   len(fields.get("choices") or []), str(category) if category else None)
 
 
-def first_token_distribution(scorer: Scorer, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Entropy (nats) and argmax token of the next-token distribution after each prompt."""
+def first_token_distribution(scorer: Scorer, hidden: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy (nats) and argmax token of the next-token distribution after each prompt, from the prompts'
+    final hidden states."""
     import torch
 
-    hidden = scorer.engine.hidden_states(prompts)
     last = torch.stack([h[-1] for h in hidden]).to(scorer.head.weight.device)
     with torch.inference_mode():
         signals = position_signals(last, scorer.head, top_k=1)
     return signals.entropy.double().numpy(), signals.top_ids[:, 0].numpy()
 
 
-def _probe_table(scorer: Scorer, key: str, asked: list[_Asked]) -> pa.Table:
-    entropy, greedy = first_token_distribution(scorer, [a.prompt_ids for a in asked])
+def _probe_table(scorer: Scorer, key: str, asked: list[_Asked]) -> pa.Table | None:
+    """The probe rows of the asked examples; one whose served request failed gets none (asked again next run)."""
+    hidden = scorer.engine.hidden_states([a.prompt_ids for a in asked])
+    asked = [a for a, h in zip(asked, hidden) if h is not None]
+    if not asked:
+        return None
+    entropy, greedy = first_token_distribution(scorer, [h for h in hidden if h is not None])
     texts = [scorer.tokenizer.decode([int(t)]) for t in greedy]
     expected_texts = [scorer.tokenizer.decode([a.expected_id]) for a in asked]
     valid = [_is_valid(text, a) for text, a in zip(texts, asked)]

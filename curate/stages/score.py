@@ -31,22 +31,20 @@ from curate.kernel.chat_tokens import (
 )
 from curate.kernel.keys import run_key
 from curate.kernel.machine import device as machine_device
-from curate.kernel.runs import recorded_run
-from curate.models.head import pair_signals, token_signals
-from curate.models.scorer import Scorer, ServedScorer, describe_scorer, open_scorer
+from curate.models.head import PairSignals, pair_signals, token_signals
+from curate.models.scorer import Scorer, ServedScorer, open_scorer, scorer_card
+from curate.stages.runner import Plan, StageRun, run_stage
 from curate.stages.shards import (
     RaySettings,
     check_replica_key,
-    merge_counts,
-    on_worker,
-    shard_outputs,
+    replica_precision,
 )
 from curate.store import schema
 from curate.store.examples import (
     TokenProgress,
+    described,
     done_ids,
     example_predicate,
-    pending_examples,
 )
 from curate.store.score_tables import (
     list_column,
@@ -55,7 +53,6 @@ from curate.store.score_tables import (
     table_from_columns,
     top_column,
 )
-from curate.store.verify import check_tables
 from curate.store.workspace import Workspace
 
 CHAT, RESPONSE_ONLY = "chat", "response_only"
@@ -108,20 +105,21 @@ def score_on_ray(workspace: Workspace, settings: RaySettings, *, where: str | No
                  shard_size: int = 128, progress: bool = True) -> ScoreReport:
     """``score`` on a Ray cluster: ``settings.replicas`` engines (one GPU each where the cluster has GPUs), each
     opened on its worker from ``settings.scorer`` (open_scorer's keywords). The rows, their key and the parts
-    are the ones a local run writes; this process holds no engine (one worker opens the model once first, to
-    learn the run key the replicas will have)."""
+    are the ones a local run writes; this process holds no engine: the run key comes from the model's files
+    and the settings (``scorer_card``), and each replica checks it against the scorer it opens."""
     example_predicate(workspace, where)
-    card = on_worker(settings.address, describe_scorer, settings.opener)
+    card = scorer_card(**settings.opener, precision=replica_precision(settings))  # no engine opened here
     return _run(workspace, [card], where=where, ifd=ifd, shard_size=shard_size, progress=progress, ray=settings)
 
 
 def score_pair(workspace: Workspace, base: Scorer, calibrated: Scorer, *, where: str | None = None, shard_size: int = 128,
                progress: bool = True) -> ScoreReport:
     """Both models' token scores plus per-token KL(calibrated ‖ base) and log-ratio, on the same tokens."""
-    if base.served or calibrated.served:
-        raise ValueError("--pair needs both models' full distributions (KL): score them in-process (--model / --pair without "
-                         "--endpoint); a server's prompt log-probs give a top-k only")
-    if base.head.vocab_size != calibrated.head.vocab_size or template_hash(base.tokenizer) != template_hash(calibrated.tokenizer):
+    if (base.head is None) != (calibrated.head is None):
+        raise ValueError("a pair is scored from two models' hidden states (in-process, or pooling servers: KL and log-ratio) or "
+                         "from two servers' prompt log-probs (the log-ratio only): give both models the same way")
+    vocabularies_differ = base.head is not None and base.head.vocab_size != calibrated.head.vocab_size
+    if vocabularies_differ or template_hash(base.tokenizer) != template_hash(calibrated.tokenizer):
         raise ValueError("the two models must share a tokenizer and chat template (vocab sizes or templates differ)")
     if base.prompt_format != calibrated.prompt_format:
         raise ValueError("the two models must be scored in the same prompt format")
@@ -188,8 +186,6 @@ class ScoreJob:
 
 def _run(workspace: Workspace, scorers: list[Any], *, where: str | None, ifd: bool, shard_size: int, progress: bool,
          ray: RaySettings | None = None) -> ScoreReport:
-    import time
-
     predicate = example_predicate(workspace, where)
     is_pair = len(scorers) == 2
     key = pair_key(*scorers) if is_pair else scorers[0].key
@@ -200,43 +196,55 @@ def _run(workspace: Workspace, scorers: list[Any], *, where: str | None, ifd: bo
         raise ValueError("--ray runs one in-process model per replica: score a pair, or a served model, without --ray")
     variants = [CHAT, RESPONSE_ONLY] if ifd else [CHAT]
     report = ScoreReport(key)
-    with workspace.writing(), recorded_run(workspace.root, "pair" if is_pair else "score", key, **_record(scorers, where, ifd)) as record:
+    recorded = _record(scorers, where, ifd)
+    tables = ("token_scores", "sample_scores") + (("pair_scores",) if is_pair else ())
+    run = StageRun("pair" if is_pair else "score", key, recorded["models"], recorded["parameters"], recorded["fingerprints"],
+                   tables, ("example_id", "messages"), shard_size)
+
+    def plan(con: Any, picked: list[tuple[str, int]]) -> Plan:
         done = {(s.key, v): done_ids(workspace, "token_scores", "score_key", s.key, where=[("variant", "=", v)])
                 for s in distinct for v in variants}
         pair_done = done_ids(workspace, "pair_scores", "pair_key", key) if is_pair else set()
         finished = set.intersection(*done.values(), *([pair_done] if is_pair else []))
-        picked = pending_examples(workspace, predicate, set())
         pending = [(i, chars) for i, chars in picked if i not in finished]
         report.examples_already_done = len(picked) - len(pending)
-        bar = TokenProgress("score", characters=sum(chars for _, chars in pending), enabled=progress)
-        started = time.perf_counter()
-        here = None if ray else ShardScorer(scorers, done, pair_done, ifd, key, bar)
-        job = ScoreJob(ray.opener, done, ifd, key) if ray else None
-        for outputs, counts in shard_outputs(workspace, predicate, shard_size, ("example_id", "messages"), skip=finished,
-                                             work=here, job=job, ray=ray):
-            for table, rows in outputs:
-                workspace.write_part(table, rows, schema=schema.TABLES[table])
-            merge_counts(report, counts)
-            if ray is not None:  # a replica's tokens: the bar learns of them when its shard comes back
-                bar.tokenized(counts["tokens_scored"], counts["characters"])
-                bar.done(counts["tokens_scored"])
-            bar.bar.set_postfix_str(f"{report.examples_scored:,}/{len(pending):,} examples")
-        bar.close()
-        report.seconds = time.perf_counter() - started
-        if workspace.has_table("token_scores"):
-            report.sample_rows = sum(rebuild_sample_scores(workspace, s.key) for s in distinct)
-        record.counts = vars(report)
-        workspace.write_manifest("score", {"key": key, **_record(scorers, where, ifd)["parameters"], "report": vars(report)})
+        bar = ScoreProgress(TokenProgress("score", characters=sum(chars for _, chars in pending), enabled=progress),
+                            len(pending), on_replicas=ray is not None)
+        if ray is not None:
+            return Plan(finished, bar, job=ScoreJob(ray.opener, done, ifd, key))
+        return Plan(finished, bar, work=ShardScorer(scorers, done, pair_done, ifd, key, bar.bar))
 
-    check_tables(workspace, ["token_scores", "sample_scores"] + (["pair_scores"] if is_pair else []))
-    return report
+    def finish(con: Any) -> None:
+        if workspace.has_table("token_scores"):
+            report.sample_rows = sum(rebuild_sample_scores(workspace, s.key, connection=con) for s in distinct)
+
+    return run_stage(workspace, run, report, predicate=predicate, plan=plan, ray=ray, finish=finish)
+
+
+@dataclass
+class ScoreProgress:
+    """Scoring's bar counts tokens as each engine batch finishes (locally); a replica's tokens are counted
+    when its shard comes back."""
+
+    bar: TokenProgress
+    pending: int
+    on_replicas: bool
+
+    def shard(self, counts: dict[str, Any], report: ScoreReport) -> None:
+        if self.on_replicas:
+            self.bar.tokenized(counts["tokens_scored"], counts["characters"])
+            self.bar.done(counts["tokens_scored"])
+        self.bar.bar.set_postfix_str(f"{report.examples_scored:,}/{self.pending:,} examples")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _record(scorers: list[Scorer], where: str | None, ifd: bool) -> dict[str, Any]:
     """What the run registry keeps about a scoring run."""
     models = [{"key": s.key, "model": s.model, "path": s.identity.path, "spec": s.spec,
                "engine_version": s.engine.version} for s in scorers]
-    parameters: dict[str, Any] = {"models": models, "where": where, "ifd": ifd}
+    parameters: dict[str, Any] = {"models": models, "where": described(where), "ifd": ifd}
     if len(scorers) == 2:
         parameters |= {"base": models[0], "calibrated": models[1]}
     return {"models": [name for s in scorers for name in s.identity.names()], "parameters": parameters,
@@ -289,34 +297,30 @@ def _response_only(scorer: Scorer, chat: ChatTokens, messages: list[dict[str, st
 
 def _score_shard(distinct: list[Scorer], scorers: list[Scorer], prepared: list[Prepared], key: str,
                  bar: TokenProgress | None) -> tuple[pa.Table, pa.Table | None]:
-    """Token rows (every model, every variant still to do) and pair rows for one shard, engine batch by batch."""
-    import torch
-
+    """Token rows (every model, every variant still to do) and pair rows for one shard, engine batch by batch.
+    An example whose served request failed gets no row (the next run sends it again)."""
     rows: dict[tuple[str, str], list[tuple[Prepared, Any]]] = {}
     pairs: list[tuple[Prepared, Any]] = []
     budget = BATCH_TOKENS[machine_device()]
     for batch in _token_batches(prepared, budget):
-        states: dict[str, list[Any]] = {}
+        states: dict[str, dict[str, Any]] = {}  # per model: example -> final hidden states
+        logprobs: dict[str, dict[str, Any]] = {}  # per logprob-only server: example -> its signals
         for scorer in distinct:
-            if scorer.served:
-                _served_batch(scorer, batch, rows)
+            if scorer.head is None:  # a server's prompt log-probs: no hidden states, no entropy
+                logprobs[scorer.key] = _served_batch(scorer, batch, rows)
                 continue
             wanted = [p for p in batch if (scorer.key, CHAT) in p.todo or p.needs_pair]
             hidden = dict(zip((p.example_id for p in wanted), scorer.engine.hidden_states([p.chat.token_ids for p in wanted])))
-            states[scorer.key] = [hidden.get(p.example_id) for p in batch]
+            states[scorer.key] = {i: h for i, h in hidden.items() if h is not None}
             for p in wanted:
-                if (scorer.key, CHAT) in p.todo:
+                if (scorer.key, CHAT) in p.todo and hidden[p.example_id] is not None:
                     rows.setdefault((scorer.key, CHAT), []).append((p, _signals(scorer, hidden[p.example_id], p.chat)))
             alone = [p for p in batch if (scorer.key, RESPONSE_ONLY) in p.todo]
             for p, h in zip(alone, scorer.engine.hidden_states([p.response_only.token_ids for p in alone])):  # type: ignore[union-attr]
-                rows.setdefault((scorer.key, RESPONSE_ONLY), []).append((p, _signals(scorer, h, p.response_only)))
+                if h is not None:
+                    rows.setdefault((scorer.key, RESPONSE_ONLY), []).append((p, _signals(scorer, h, p.response_only)))
         if len(scorers) == 2:
-            base, calibrated = scorers
-            device = base.head.weight.device
-            for index, p in enumerate(batch):
-                if p.needs_pair:
-                    b, c = states[base.key][index], states[calibrated.key][index]
-                    pairs.append((p, pair_signals(b.to(device), c.to(device), torch.tensor(p.chat.token_ids), base.head, calibrated.head)))
+            pairs += _pair_batch(scorers, batch, states, logprobs)
         if bar is not None:
             bar.done(sum(len(p.chat) for p in batch))
     by_key = {s.key: s for s in distinct}
@@ -326,15 +330,45 @@ def _score_shard(distinct: list[Scorer], scorers: list[Scorer], prepared: list[P
     return token_rows, pair_rows
 
 
-def _served_batch(scorer: ServedScorer, batch: list[Prepared], rows: dict) -> None:
-    """One engine batch through the server: every variant still to do; a failed request leaves its example
-    unscored (the next run sends it again)."""
+def _pair_batch(scorers: list[Scorer], batch: list[Prepared], states: dict[str, dict[str, Any]],
+                logprobs: dict[str, dict[str, Any]]) -> list[tuple[Prepared, PairSignals]]:
+    """Pair signals for the batch's examples that need them and have both models' results: exact KL and
+    log-ratio from two models' hidden states (in this process or from pooling servers), or the log-ratio
+    alone from two servers' prompt log-probs (KL then stays null: recipes that need KL refuse the run)."""
+    import torch
+
+    base, calibrated = scorers
+    found = []
+    for p in batch:
+        if not p.needs_pair:
+            continue
+        if base.key in logprobs:
+            b, c = logprobs[base.key].get(p.example_id), logprobs[calibrated.key].get(p.example_id)
+            if b is not None and c is not None:
+                found.append((p, PairSignals(torch.full_like(b.logprob, float("nan")), c.logprob - b.logprob)))
+            continue
+        b, c = states[base.key].get(p.example_id), states[calibrated.key].get(p.example_id)
+        if b is not None and c is not None:
+            device = base.head.weight.device
+            found.append((p, pair_signals(b.to(device), c.to(device), torch.tensor(p.chat.token_ids), base.head, calibrated.head)))
+    return found
+
+
+def _served_batch(scorer: ServedScorer, batch: list[Prepared], rows: dict) -> dict[str, Any]:
+    """One engine batch through a log-prob server: every variant still to do (and the chat tokens a pair still
+    needs); returns the chat signals by example."""
+    chat: dict[str, Any] = {}
     for variant in (CHAT, RESPONSE_ONLY):
-        wanted = [p for p in batch if (scorer.key, variant) in p.todo]
+        wanted = [p for p in batch if (scorer.key, variant) in p.todo or variant == CHAT and p.needs_pair]
         tokens = [p.chat if variant == CHAT else p.response_only for p in wanted]
         for p, signals in zip(wanted, scorer.signals([t.token_ids for t in tokens])):  # type: ignore[union-attr]
-            if signals is not None:
+            if signals is None:
+                continue
+            if variant == CHAT:
+                chat[p.example_id] = signals
+            if (scorer.key, variant) in p.todo:
                 rows.setdefault((scorer.key, variant), []).append((p, signals))
+    return chat
 
 
 def _token_batches(prepared: list[Prepared], budget: int) -> list[list[Prepared]]:

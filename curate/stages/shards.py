@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from curate.kernel.logs import ENV, level, python_level, quiet_libraries, verbose
+from curate.kernel.machine import resolve_precision
 from curate.store.examples import example_batches
 from curate.store.workspace import Workspace
 
@@ -49,10 +50,10 @@ class RaySettings:
 
 def shard_outputs(workspace: Workspace, predicate: str | None, shard_size: int, columns: Sequence[str], *,
                   skip: set[str], work: ShardWork | None = None, job: Job | None = None,
-                  ray: RaySettings | None = None) -> Iterator[Output]:
+                  ray: RaySettings | None = None, connection: Any = None) -> Iterator[Output]:
     """Every pending shard's outputs: ``work`` here, or ``job`` on ``ray``'s replicas (in whatever order
     they finish). ``skip``: the ids already done (left out of the shards)."""
-    shards = example_batches(workspace, predicate, shard_size, columns, skip=skip)
+    shards = example_batches(workspace, predicate, shard_size, columns, skip=skip, connection=connection)
     if ray is None:
         assert work is not None
         return (work(shard.to_pylist()) for shard in shards)
@@ -183,3 +184,10 @@ def run(job: Job, shards: Iterable[Any], *, address: str | None, replicas: int) 
         rows = batch.to_pylist()
         counts = next(json.loads(r["blob"]) for r in rows if r["table"] == "__counts__")
         yield [(r["table"], _deserialize(r["blob"])) for r in rows if r["table"] != "__counts__"], counts
+
+
+def replica_precision(settings: RaySettings) -> str:
+    """The precision the replicas will resolve ``settings.opener``'s dtype to: ``auto`` is resolved on one of
+    the cluster's workers (one tiny task; a GPU node and this driver can differ), anything else is itself."""
+    dtype = settings.opener.get("dtype", "auto")
+    return dtype if dtype != "auto" else on_worker(settings.address, resolve_precision, dtype)

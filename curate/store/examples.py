@@ -35,14 +35,33 @@ def done_ids(workspace: Workspace, table: str, key_column: str, key: str, *, id_
     return set(done.column(id_column).to_pylist())
 
 
-def example_predicate(workspace: Workspace, text: str | None, *, option: str = "--where") -> str | None:
+class Predicate(str):
+    """A predicate on ``examples`` that was checked against the workspace, with what the user wrote
+    (``source``): passed down from the command to the stage, it is not checked again."""
+
+    source: str
+
+    def __new__(cls, predicate: str, source: str) -> "Predicate":
+        made = super().__new__(cls, predicate)
+        made.source = source
+        return made
+
+
+def described(where: str | None) -> str | None:
+    """What the user wrote for a filter (for run records), whether or not it was checked already."""
+    return where.source if isinstance(where, Predicate) else where
+
+
+def example_predicate(workspace: Workspace, text: str | None, *, option: str = "--where",
+                      connection: Any = None) -> Predicate | None:
     """A predicate on ``examples`` from what a user wrote: a predicate, or a whole query returning example_id.
 
     Checked against the workspace now (cheap; before any model loads): a bad filter is an error that says
-    what was wrong and what is accepted."""
+    what was wrong and what is accepted. A ``Predicate`` (checked already) comes back as it is."""
     import duckdb
 
-
+    if isinstance(text, Predicate):
+        return text
     if not workspace.has_table("examples"):
         raise FileNotFoundError(f"{workspace.root} has no examples; run `curate ingest ... --workspace {workspace.root}` first")
     if text is None or not text.strip():
@@ -50,7 +69,7 @@ def example_predicate(workspace: Workspace, text: str | None, *, option: str = "
     stripped = text.strip().rstrip(";").strip()
     predicate = f"example_id in (select example_id from ({stripped}))" if _QUERY.match(stripped) else f"({stripped})"
     try:
-        connect(workspace).execute(f"select count(*) from examples where {predicate}").fetchall()
+        (connection or connect(workspace)).execute(f"select count(*) from examples where {predicate}").fetchall()
     except duckdb.Error as err:
         reason = str(err).splitlines()[0]
         raise ValueError(
@@ -58,42 +77,29 @@ def example_predicate(workspace: Workspace, text: str | None, *, option: str = "
             f"table, e.g. {option} \"split = 'pool'\", or a whole query that returns example_id, e.g. "
             f"{option} \"select example_id from examples where split = 'pool' limit 4\""
         ) from err
-    return predicate
+    return Predicate(predicate, text)
 
 
 def examples_query(predicate: str | None, columns: Sequence[str]) -> str:
     return f"select {', '.join(columns)} from examples" + (f" where {predicate}" if predicate else "") + " order by example_id"
 
 
-def pending_examples(workspace: Workspace, predicate: str | None, done: set[str]) -> list[tuple[str, int]]:
+def pending_examples(workspace: Workspace, predicate: str | None, done: set[str], *,
+                     connection: Any = None) -> list[tuple[str, int]]:
     """(example id, characters of its messages) for every picked example not done yet, in id order."""
-
-    rows = connect(workspace).execute(examples_query(predicate, ["example_id", MESSAGE_CHARS])).fetchall()
+    rows = (connection or connect(workspace)).execute(examples_query(predicate, ["example_id", MESSAGE_CHARS])).fetchall()
     return [(i, chars or 0) for i, chars in rows if i not in done]
 
 
-def pending_sizes(workspace: Workspace, predicate: str | None, done: set[str]) -> tuple[int, int]:
-    """(examples, characters of their messages) that are picked and not done yet: a progress bar's totals."""
-    pending = pending_examples(workspace, predicate, done)
-    return len(pending), sum(chars for _, chars in pending)
-
-
-def example_shards(
-    workspace: Workspace, predicate: str | None, shard_size: int, columns: Sequence[str] = ("example_id", "messages")
-) -> Iterator[list[dict[str, Any]]]:
-    """Examples in id order, ``shard_size`` at a time, streamed from DuckDB."""
-    for batch in example_batches(workspace, predicate, shard_size, columns):
-        yield batch.to_pylist()
-
-
 def example_batches(workspace: Workspace, predicate: str | None, shard_size: int, columns: Sequence[str] = ("example_id", "messages"),
-                    *, skip: set[str] | frozenset[str] = frozenset()) -> Iterator[Any]:
-    """``example_shards`` as Arrow record batches, less the ids in ``skip`` (the batches keep their size)."""
+                    *, skip: set[str] | frozenset[str] = frozenset(), connection: Any = None) -> Iterator[Any]:
+    """The picked examples in id order as Arrow record batches of ``shard_size`` rows, streamed from DuckDB,
+    less the ids in ``skip`` (the batches keep their size)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
 
-    reader = connect(workspace).sql(examples_query(predicate, columns)).to_arrow_reader(shard_size)
+    reader = (connection or connect(workspace)).sql(examples_query(predicate, columns)).to_arrow_reader(shard_size)
     for batch in reader:
         if skip:
             batch = batch.filter(pc.invert(pc.is_in(batch.column("example_id"), value_set=pa.array(sorted(skip), pa.string()))))

@@ -115,10 +115,9 @@ select * from final order by example_id
 """
 
 
-def rebuild_sample_scores(workspace: Workspace, score_key: str) -> int:
+def rebuild_sample_scores(workspace: Workspace, score_key: str, *, connection: Any = None) -> int:
     """Recompute ``sample_scores`` for one scoring run from its token rows; returns the row count."""
-
-    con = connect(workspace)
+    con = connection or connect(workspace)
     table = con.sql(SAMPLE_SCORES_SQL, params={"score_key": score_key}).to_arrow_table().cast(schema.SAMPLE_SCORES)
     folder = workspace.table_dir("sample_scores")
     folder.mkdir(parents=True, exist_ok=True)

@@ -33,17 +33,18 @@ def _quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def connect(workspace: Workspace | str | Path, *, database: str = ":memory:",
-            tables: dict[str, Path] | None = None) -> "duckdb.DuckDBPyConnection":
-    """DuckDB with a view per table (``tables``: only these; default every table in the workspace)."""
+def connect(workspace: Workspace | str | Path, *, database: str = ":memory:", tables: dict[str, Path] | None = None,
+            into: "duckdb.DuckDBPyConnection | None" = None) -> "duckdb.DuckDBPyConnection":
+    """DuckDB with a view per table (``tables``: only these; default every table in the workspace). ``into``: an
+    open connection whose views are made anew (a stage run keeps one connection and sees the tables it wrote)."""
     import duckdb
 
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     if not ws.root.is_dir():
         raise FileNotFoundError(f"workspace {ws.root} does not exist; create it with `curate ingest ... --workspace`")
-    con = duckdb.connect(database)
-    for name, folder in (ws.tables() if tables is None else tables).items():
-        pattern = _quote_literal(str(folder / f"*{PART_SUFFIX}"))
+    con = into if into is not None else duckdb.connect(database)
+    for name, files in _view_files(ws.tables() if tables is None else tables).items():
+        pattern = _quote_literal(files)
         try:
             con.execute(
                 f"create or replace view {_quote_identifier(name)} as "
@@ -57,11 +58,27 @@ def connect(workspace: Workspace | str | Path, *, database: str = ":memory:",
     return con
 
 
+STUDY_FILES = {"": "results.parquet", "_heldout": "heldout.parquet"}  # a study's folder holds two tables as files
+
+
+def _view_files(tables: dict[str, Path]) -> dict[str, str]:
+    """View name -> the Parquet files it reads: a table's parts, but a study's folder (``studies/NAME``) gives
+    ``studies_NAME`` (results.parquet, a row per arm x seed) and ``studies_NAME_heldout`` (heldout.parquet, a row
+    per held-out example and arm x seed)."""
+    files = {}
+    for name, folder in tables.items():
+        if folder.parent.name == "studies" and any((folder / f).is_file() for f in STUDY_FILES.values()):
+            files |= {name + suffix: str(folder / f) for suffix, f in STUDY_FILES.items() if (folder / f).is_file()}
+        else:
+            files[name] = str(folder / f"*{PART_SUFFIX}")
+    return files
+
+
 def polars_context(workspace: Workspace | str | Path) -> "pl.SQLContext":
     import polars as pl
 
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
-    frames = {name: pl.scan_parquet(str(folder / f"*{PART_SUFFIX}")) for name, folder in ws.tables().items()}
+    frames = {name: pl.scan_parquet(files) for name, files in _view_files(ws.tables()).items()}
     return pl.SQLContext(frames)
 
 

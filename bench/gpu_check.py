@@ -97,7 +97,8 @@ def load_chats(count: int) -> list[list[dict[str, str]]]:
 
 
 def prepare(target: Path, chats: int) -> None:
-    prepare_tokenizer(target / "tokenizer") if not (target / "tokenizer" / "tokenizer.json").is_file() else None
+    if not (target / "tokenizer" / "tokenizer.json").is_file():
+        prepare_tokenizer(target / "tokenizer")
     with open(target / "chats.jsonl", "w") as out:
         for messages in load_chats(chats):
             out.write(json.dumps({"messages": messages}) + "\n")

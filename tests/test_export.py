@@ -157,6 +157,16 @@ def test_axolotl_parquet_holds_only_the_trainer_columns_and_rows_trace_back(sele
         assert all(label in (-100, token) for label, token in zip(row["labels"], row["input_ids"]))
 
 
+def test_a_conversational_trl_export_opens_by_folder(selected) -> None:
+    """Failure 4 of issue 23: the card named train.parquet where an unmasked trl export writes train.jsonl, so
+    datasets.load_dataset(<folder>) raised FileNotFoundError."""
+    from datasets import load_dataset
+
+    ws, _ = selected
+    folder = export(ws, "whole", "trl")
+    assert [r["messages"] for r in load_dataset(str(folder), split="train")] == [r["messages"] for r in selection_rows(ws, "whole")]
+
+
 def card_header(folder: Path) -> dict[str, Any]:
     import yaml
 

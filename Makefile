@@ -51,8 +51,10 @@ endif
 demo: install
 	$(BIN)/python -m curate.experiments.demo --workspace $(DEMO_WORKSPACE) $(if $(FULL),--full)
 
+# one vLLM server, one Ray cluster and one float32 SmolLM2 pooling engine per session (tests/conftest.py);
+# --durations names the slowest tests of every run, so a slower suite shows where the time went
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # no real model, no engine start-up, no subprocess crash tests: under 2 minutes
 test-fast: install

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import pytest
 
@@ -78,14 +78,16 @@ def reference(smollm2_dir: Path):
 
 
 def _closing(opened):
-    """Yield an engine and shut it down after the module that used it: engines do not pile up in one process."""
+    """Yield an engine and shut it down after the module (or session) that used it: engines do not pile up in
+    one process."""
     yield opened
     opened.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vllm_scorer(smollm2_dir: Path):
-    """A float32 vLLM pooling engine for a test module (start-up takes ~15 s on 2 cores)."""
+    """A float32 vLLM pooling engine, opened once for every module that uses it (start-up takes ~15-30 s on 2
+    cores; test_probe, test_score_real and test_served read it, none changes it)."""
     pytest.importorskip("vllm")
     from curate.models.scorer import open_scorer
 
@@ -103,7 +105,8 @@ def vllm_bf16_scorer(smollm2_dir: Path):
 
 @pytest.fixture(scope="module")
 def teacher(smollm2_dir: Path):
-    """A vLLM generation engine (float32: greedy traces are compared with transformers' generate)."""
+    """A vLLM generation engine (float32: greedy traces are compared with transformers' generate). Per module:
+    kept for the session it would stay open beside test_score_real's three engines (memory, not time, binds)."""
     pytest.importorskip("vllm")
     from curate.models.teacher import open_teacher
 
@@ -186,3 +189,104 @@ def write_parquet(path: Path, rows: list[dict[str, Any]]) -> Path:
 
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
+
+
+# ---- one vLLM server and one Ray cluster for the whole session (each takes a minute to start on 2 cores) -----
+
+
+def command_env() -> dict[str, str]:
+    """The environment of a command a test runs in its own process: this checkout's code, the engine in the
+    calling process, no progress bars, a 1 GiB KV cache per engine (the tiny models' runs use a few MiB of it;
+    the default 2 GiB each only crowds two replicas and a driver on a small machine)."""
+    return {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TQDM_DISABLE": "1",
+            "PYTHONPATH": str(REPO)}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served_smollm2(smollm2_dir: Path):
+    """A real `vllm serve` of the bundled SmolLM2 (float32, as the in-process reference runs) on 127.0.0.1,
+    started once for every test that talks to a server; its URL."""
+    pytest.importorskip("vllm")
+    from curate.models.served import local_server
+
+    with local_server(smollm2_dir, name="smollm2") as url:
+        yield url
+
+
+class RayCluster(NamedTuple):
+    address: str  # for --ray ADDRESS
+    group: int  # the process group of `ray start` and the services it starts (workers have groups of their own)
+    raylet: int  # the pid of its raylet, which starts every worker
+
+    def workers(self, title: str) -> list[int]:
+        """The pids of this cluster's workers whose process title holds ``title`` (another cluster's are not
+        its: they descend from another raylet)."""
+        import subprocess
+
+        listed = subprocess.run(["pgrep", "-f", title], capture_output=True, text=True).stdout.split()
+        return [int(pid) for pid in listed if _descends_from(int(pid), self.raylet)]
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the parent's pid
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            return False
+        if pid == ancestor:
+            return True
+    return False
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A local Ray cluster (`ray start --head` with this machine's CPUs, as ``--ray`` alone starts one) that
+    every ``--ray`` command of the session joins. Its own ports, so it stays apart from any other cluster on
+    the machine; its processes are one process group, stopped at the end."""
+    pytest.importorskip("ray.data")
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("ray") / "ray-start.log"
+    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+               "--port", str(port), "--num-cpus", str(os.cpu_count()), "--include-dashboard", "false",
+               "--disable-usage-stats", "--ray-client-server-port", str(free_port()),
+               "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
+    # no memory monitor: Ray would kill replicas when other processes fill the machine (the kernel still would)
+    env = {**command_env(), "RAY_memory_monitor_refresh_ms": "0"}
+    with open(log, "w") as output:
+        head = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "Ray runtime started" not in log.read_text():
+            assert head.poll() is None, f"ray start exited with {head.returncode}: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"ray start did not come up in 300 s: {log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        raylet = subprocess.run(["pgrep", "-g", str(head.pid), "-f", "raylet/raylet"], capture_output=True, text=True).stdout.split()
+        assert len(raylet) == 1, f"not one raylet in the cluster's process group: {raylet}"
+        yield RayCluster(f"127.0.0.1:{port}", head.pid, int(raylet[0]))
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # what outlived `ray start` (the raylet's workers) is in its process group too
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -19,7 +19,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, write_jsonl
+from conftest import REPO, command_env, write_jsonl
+from curate.cli import main
 from curate.store.verify import GRAINS, verify
 from curate.store.workspace import Workspace
 
@@ -29,8 +30,7 @@ RNG = random.Random(SEED)
 SUBSET = "example_id < '0c'"  # ~60 GSM8K problems
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+_env = command_env
 
 
 def _command(program: str, args: list[str]) -> list[str]:
@@ -100,14 +100,10 @@ def crash_and_resume(program: str, make_args, tables: list[str], tmp_path: Path,
     same_workspaces(crashed, straight, tables)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    """GSM8K ingested once; each test copies it."""
-    from curate.stages.ingest import ingest
-
-    ws = Workspace(tmp_path_factory.mktemp("base") / "ws")
-    ingest(["gsm8k"], workspace=ws, progress=False)
-    return ws
+@pytest.fixture(scope="session")
+def base(gsm8k_workspace: Workspace) -> Workspace:
+    """GSM8K ingested once for the session (conftest); each test copies it."""
+    return gsm8k_workspace
 
 
 def copy_of(base: Workspace, *tables: str):
@@ -155,10 +151,12 @@ def test_generate(base: Workspace, tiny_model_dir: Path, tmp_path: Path) -> None
 
 
 def _scored(base: Workspace, model: Path):
+    """The scores select reads, made by the same command in this process (a setup, not a crash: no process of
+    its own to start, import torch in and time)."""
     def setup(ws: Workspace) -> None:
         copy_of(base)(ws)
-        run("curate", ["score", "-w", str(ws.root), "--model", str(model), "--engine", "transformers", "--dtype", "float32",
-                       "--where", "example_id < '10'", "--quiet"])
+        assert main(["score", "-w", str(ws.root), "--model", str(model), "--engine", "transformers", "--dtype", "float32",
+                     "--where", "example_id < '10'", "--quiet"]) == 0
     return setup
 
 

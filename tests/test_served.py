@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_port
 from curate.store.sql import connect
 from curate.store.workspace import Workspace
 
@@ -29,20 +29,10 @@ SUBSET = "example_id < '01'"  # 8 GSM8K problems
 SECRET = "sk-curate-test-0f3c9a7d2b1e4f60"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(smollm2_dir: Path):
-    """A real vLLM server of the bundled SmolLM2 (float32, as the in-process reference runs)."""
-    pytest.importorskip("vllm")
-    from curate.models.served import local_server
-
-    with local_server(smollm2_dir, name="smollm2") as url:
-        yield url
+@pytest.fixture
+def server(served_smollm2: str) -> str:
+    """The session's real vLLM server of the bundled SmolLM2 (conftest: started once, float32)."""
+    return served_smollm2
 
 
 class FaultyProxy:

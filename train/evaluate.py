@@ -90,24 +90,38 @@ def _generate_transformers(model: Any, tokenizer: Any, texts: list[str], max_new
 def evaluate(model: str, data: str, *, split: str | None = None, limit: int | None = None, max_new_tokens: int = 256,
              engine: str = "auto", max_len: int = 2048, accuracy: bool = True, options: EngineOptions | None = None) -> dict[str, Any]:
     """Mean answer NLL always; exact-match accuracy of greedy generations when ``accuracy`` (the costly part)."""
+    metrics, _ = evaluate_examples(model, data, split=split, limit=limit, max_new_tokens=max_new_tokens, engine=engine,
+                                   max_len=max_len, accuracy=accuracy, options=options)
+    return metrics
+
+
+def evaluate_examples(model: str, data: str, *, split: str | None = None, limit: int | None = None, max_new_tokens: int = 256,
+                      engine: str = "auto", max_len: int = 2048, accuracy: bool = True,
+                      options: EngineOptions | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``evaluate``'s metrics, and per held-out example its ``example_id`` (the row number as text where the data
+    has none), ``answer_nll`` and ``correct`` (None where accuracy is off or the example has no reference answer)."""
     started = time.perf_counter()
     table = read_table(data, split=split, limit=limit)
     conversations = table.column("messages").to_pylist()
     references = table.column("reference_answer").to_pylist() if "reference_answer" in table.column_names else [None] * table.num_rows
+    ids = [str(i) for i in (table.column("example_id").to_pylist() if "example_id" in table.column_names else range(table.num_rows))]
     loaded, tokenizer = load_for_eval(model)
     nll = answer_nll(loaded, tokenizer, conversations, max_len=max_len)
     metrics: dict[str, Any] = {"model": model, "data": data, "split": split, "examples": table.num_rows,
                                "mean_answer_nll": sum(nll) / len(nll) if nll else None}
-    checked = [(prompt_turns(c), r) for c, r in zip(conversations, references) if r is not None] if accuracy else []
+    per_example: list[dict[str, Any]] = [{"example_id": i, "answer_nll": v, "correct": None} for i, v in zip(ids, nll)]
+    checked = [(index, prompt_turns(c), r) for index, (c, r) in enumerate(zip(conversations, references)) if r is not None] if accuracy else []
     if checked:
-        completions, used = generate_greedy(model, loaded, tokenizer, [p for p, _ in checked], max_new_tokens=max_new_tokens, engine=engine,
-                                            options=options)
-        graded = [grade(text, reference) for text, (_, reference) in zip(completions, checked)]
+        completions, used = generate_greedy(model, loaded, tokenizer, [p for _, p, _ in checked], max_new_tokens=max_new_tokens,
+                                            engine=engine, options=options)
+        graded = [grade(text, reference) for text, (_, _, reference) in zip(completions, checked)]
         correct = [bool(ok) for _, ok in graded]
+        for (index, _, _), ok in zip(checked, correct):
+            per_example[index]["correct"] = ok
         metrics |= {"accuracy": sum(correct) / len(correct), "with_reference": len(checked), "correct": sum(correct),
                     "no_answer": sum(answer is None for answer, _ in graded), "generation_engine": used,
                     "max_new_tokens": max_new_tokens}
     else:
         metrics |= {"accuracy": None, "with_reference": 0}
     metrics["seconds"] = time.perf_counter() - started
-    return metrics
+    return metrics, per_example

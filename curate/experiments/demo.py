@@ -2,11 +2,12 @@
 
 ingest -> score (vLLM, IFD) -> probe -> teacher traces for every probed example -> calibrate (on a random
 10% of the demo pool, seed 42, merged) -> pair scores (KL) -> every recipe, with the tokens each trains ->
-export -> a small study: the two-stage complexity pipeline against random data at the same trained-token
-budget, one seed, evaluated on held-out problems -> pictures, and the HTML report of one selection.
-SmolLM2-135M is also the teacher and the student: it is the only model these machines can load, so the
-numbers show the machinery, not a recipe's worth (the bundled study, `curate study gsm8k`, is the
-comparison). Every stage resumes: a second run reuses what the first wrote.
+export -> pictures, and the HTML report of one selection -> the canaries: the demo pool holds 20% planted
+known-bad rows (replies swapped, final answers changed, words shuffled, replies cut off), and the demo ends
+on the share of every recipe's rows and trained tokens that are planted, against the pool's share. Nothing
+is trained: the trained comparison is `curate study gsm8k` (and `curate study gsm8k-noisy` on a planted pool).
+SmolLM2-135M is also the teacher: it is the only model these machines can load, so the numbers show the
+machinery, not a recipe's worth. Every stage resumes: a second run reuses what the first wrote.
 
     python -m curate.experiments.demo [--workspace demo-workspace] [--full]
 """
@@ -18,9 +19,15 @@ import time
 from pathlib import Path
 
 from curate.experiments.study.budget import TokenCounter
+from curate.experiments.study.plant import (
+    PlantSettings,
+    count_canaries,
+    plant,
+    study_predicates,
+)
 from curate.experiments.study.prepare import examples_table
-from curate.experiments.study.run import run_study
-from curate.experiments.study.spec import Arm, StudySpec
+from curate.experiments.study.report import canary_lines
+from curate.experiments.study.run import selection_canaries
 from curate.looks.plot import plot
 from curate.looks.report import write_report
 from curate.models import registry
@@ -34,12 +41,14 @@ from curate.stages.probe import probe
 from curate.stages.recipes import load_recipe
 from curate.stages.score import pair_key, score, score_pair
 from curate.stages.select import choose, select
+from curate.store.sql import connect
 from curate.store.workspace import Workspace
 from train.sft import TrainConfig, run_calibrate
 
-QUICK = {"where": "split = 'pool' and example_id >= 'ec'", "heldout": 30, "trace_tokens": 200}
+QUICK = {"where": "split = 'pool' and example_id >= 'f0'", "heldout": 30, "trace_tokens": 200}  # 92 problems, 115 with canaries
 FULL = {"where": "split = 'pool'", "heldout": 357, "trace_tokens": 512}
 TRAINING = {"epochs": 2, "max_len": 384, "batch_size": 4, "lr": 5e-4}
+PLANT = PlantSettings({"swapped": 0.06, "answer_changed": 0.06, "shuffled": 0.04, "truncated": 0.04}, seed=0)  # 20% of the pool
 
 
 class Steps:
@@ -63,6 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     step("model and data")
     base_dir = str(registry.pull("smollm2"))
     print(ingest(["gsm8k"], workspace=ws, progress=False).summary())
+    step("plant canaries: known-bad copies of 20% of the demo pool (source plant:demo, never held-out)")
+    clean, _ = study_predicates(ws, name="demo", pool=size["where"], heldout="split = 'heldout'", planted=False)
+    with ws.writing():
+        planted = plant(ws, name="demo", pool=clean, settings=PLANT)
+    print(f"{len(planted)} planted rows: " + ", ".join(f"{k} {list(planted.values()).count(k)}" for k in PLANT.shares))
+    size = {**size, "where": study_predicates(ws, name="demo", pool=size["where"], heldout="split = 'heldout'", planted=True)[0]}
 
     step(f"score the base model ({size['where']})")
     base = open_scorer(base_dir, engine="vllm")
@@ -115,29 +130,23 @@ def main(argv: list[str] | None = None) -> None:
     for name, fmt in (("qtuning_offline", "trl"), ("eksft_offline", "axolotl"), ("complexity_split", "llamafactory"), ("full", "jsonl")):
         print(f"{name} as {fmt}: {export(ws, name, fmt, model=base_dir)}")
 
-    step("a small study: the two-stage complexity pipeline vs random data at its trained-token budget, one seed")
-    study = small_study(ws, base_dir, size, keys)
-
     step("pictures and the report of one selection")
     pictures = plot(ws, score_key=keys["score_key"], probe_key=keys["probe_key"])
     report_path = write_report(ws, "qtuning_offline")  # the self-contained HTML report (curate report)
-    summary(ws, base_dir, selections, study, pictures, report_path)
+    step("canaries: how much of every recipe's selection is planted")
+    summary(ws, base_dir, selections, pictures, report_path, canaries(ws, base_dir, selections, planted, size["where"]))
     print(f"\ndone in {time.perf_counter() - step.started:,.0f} s; workspace: {ws.root}")
 
 
-def small_study(ws, base_dir: str, size: dict, keys: dict) -> Path:
-    """random vs complexity_split at the complexity split's own trained tokens: the study machinery, small."""
-
-    complexity = {"probe_key": keys["probe_key"], "gen_key": keys["gen_key"]}
+def canaries(ws, base_dir: str, selections: dict, planted: dict[str, str], where: str) -> list[str]:
+    """The canary table: the demo pool's planted share, then every recipe's (rows and trained tokens)."""
     counter = TokenCounter(base_dir, TRAINING["max_len"])
-    budget = sum(counter.per_row(choose(ws, load_recipe("complexity_split"), complexity)).values())
-    spec = StudySpec(name="demo", model=base_dir, pool=size["where"], heldout="split = 'heldout'", heldout_limit=size["heldout"],
-                     arms=[Arm("random"), Arm("complexity", "complexity_split", complexity)], seeds=[0],
-                     budget_share=None, budget_tokens=budget, training=TRAINING, prepare={"score": False}, full_seeds=0)
-    return run_study(ws, spec)
+    pool_ids = [r[0] for r in connect(ws).execute(f"select example_id from examples where {where} order by example_id").fetchall()]
+    pool = count_canaries("demo pool (every row)", pool_ids, counter.per_row(choose(ws, load_recipe("full"), {}, keep=pool_ids)), planted)
+    return canary_lines([pool, *(selection_canaries(ws, name, [name], planted, counter) for name in sorted(selections))])
 
 
-def summary(ws, base_dir: str, selections: dict, study: Path, pictures: list[Path], report_path: Path) -> None:
+def summary(ws, base_dir: str, selections: dict, pictures: list[Path], report_path: Path, canary_table: list[str]) -> None:
     """Per selection its rows and the response tokens the trainer trains on it (token masks included)."""
     import pyarrow.parquet as pq
 
@@ -149,8 +158,8 @@ def summary(ws, base_dir: str, selections: dict, study: Path, pictures: list[Pat
         stages = sorted(set(table.column("stage").to_pylist())) if "stage" in table.column_names else []
         tokens = sum(counter.per_row(table).values())
         print(f"| {name} | {report.rows:,} | {', '.join(map(str, stages)) or '-'} | {tokens:,} |")
-    print("\n" + (study / "report.md").read_text())
-    print("pictures: " + ", ".join(str(p) for p in [*pictures, study / "study.png"]))
+    print("\n" + "\n".join(canary_table))
+    print("\npictures: " + ", ".join(str(p) for p in pictures))
     print(f"report of selection qtuning_offline (open it in a browser): {report_path}")
 
 

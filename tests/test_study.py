@@ -59,6 +59,7 @@ fit = {{ param = "share", low = 0.0, high = 1.0 }}
 [[arms]]
 name = "qtuning_offline"
 recipe = "qtuning_offline"
+params = {{ r_token = "1.0" }}  # at its default 0.5 it trains at most 332 tokens of this tiny pool, under the 355 budget
 fit = {{ param = "r_sample", low = 0.05, high = 1.0 }}
 
 [[arms]]
@@ -131,7 +132,21 @@ def test_a_study_meets_the_budget_resumes_and_reports_what_it_measured(tiny_mode
             assert f"{statistics.mean(diffs):.4f} ± {statistics.stdev(diffs):.4f}" in line
             assert f"{sum(d < 0 for d in diffs)} of 2" in line
     assert (folder / "study.png").stat().st_size > 5000
+    from curate.experiments.study.stats import compare
     from curate.store.sql import connect
 
     assert connect(ws).execute("select count(*) from studies_tiny").fetchall()[0][0] == len(results)
+    examples = pq.read_table(folder / "heldout.parquet").to_pylist()  # per held-out example, per arm x seed
+    evaluated = [r for r in results if r.get("heldout_nll") is not None]  # the untrained base included
+    assert len(examples) == 6 * len(evaluated) and any(r["arm"] == "base (no training)" for r in evaluated)
+    for row in evaluated:
+        values = [e["answer_nll"] for e in examples if e["arm"] == row["arm"] and e["seed"] == row["seed"]]
+        assert len(values) == 6 and statistics.mean(values) == pytest.approx(row["heldout_nll"], abs=1e-9)
+    assert connect(ws).execute("select count(distinct example_id) from studies_tiny_heldout").fetchall()[0][0] == 6
+    for arm, reference in (("instructdiff", "random"), ("eksft_offline", "full")):
+        paired = compare(examples, arm=arm, reference=reference)
+        line = next(line for line in report.splitlines() if line.startswith(f"| {arm} | {reference} |"))
+        assert f"| {paired.difference:+.4f} | [{paired.low:+.4f}, {paired.high:+.4f}] | {paired.p_value:.4f} |" in line
+        assert line.endswith(f"| {paired.verdict} |")
+    assert "Planted canaries: none" in report and (folder / "canaries.md").is_file()
     assert json.loads((folder / "runs" / "random" / "seed0" / "result.json").read_text())["fit"].startswith("a random subset")

@@ -199,7 +199,7 @@ def command_env() -> dict[str, str]:
     calling process, no progress bars, a 1 GiB KV cache per engine (the tiny models' runs use a few MiB of it;
     the default 2 GiB each only crowds two replicas and a driver on a small machine)."""
     return {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TQDM_DISABLE": "1",
-            "PYTHONPATH": str(REPO)}
+            "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}  # the session's test cluster (ray_cluster) has none
 
 
 def free_port() -> int:
@@ -255,6 +255,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     import signal
     import subprocess
     import sys
+    import tempfile
     import time
 
     port = free_port()
@@ -263,7 +264,10 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
                "--port", str(port), "--num-cpus", str(os.cpu_count()), "--include-dashboard", "false",
                "--disable-usage-stats", "--ray-client-server-port", str(free_port()),
                "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
-    # no memory monitor: Ray would kill replicas when other processes fill the machine (the kernel still would)
+    # no memory monitor: Ray would kill replicas when other processes fill the machine (the kernel still would);
+    # no token authentication (a cluster on 127.0.0.1 for this session): with ~/.ray/auth_token present (a plain
+    # ray.init() writes one) `ray start` turns it on and the drivers, which run with command_env(), would not
+    # send the token
     env = {**command_env(), "RAY_memory_monitor_refresh_ms": "0"}
     with open(log, "w") as output:
         head = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
@@ -290,3 +294,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
             os.killpg(head.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        # `ray start` wrote its address where a plain `--ray` (a new local cluster) looks for one to join, as
+        # `ray stop` would, take it back (while the session runs, the tests pass the address explicitly)
+        address_file = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if address_file.is_file() and address_file.read_text().strip().endswith(f":{port}"):
+            address_file.unlink()

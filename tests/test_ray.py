@@ -1,5 +1,6 @@
 """``curate score|probe|generate --ray``: Ray Data replicas on a local Ray cluster on this CPU, each with a
-real vLLM engine (a tiny random model, fp32), against the single-process run of the same command.
+real vLLM engine (a tiny random model, fp32), against the single-process run of the same command. Every
+command joins the session's one cluster (conftest's ``ray_cluster``) rather than starting its own.
 
 The faults are real: the driver is killed with SIGKILL once some parts are written, and a replica's process
 is killed with SIGKILL mid-run (Ray restarts the actor and runs its shard again)."""
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, RayCluster
 from test_crash import _command, _env, base, copy_of, run, same_workspaces  # noqa: F401  (base: a fixture)
 from curate.store.workspace import Workspace
 
@@ -24,7 +25,9 @@ SUBSET = "example_id < '12'"  # ~95 GSM8K chats: ~24 parts of 4; the engines' st
 TABLES = ["token_scores", "sample_scores"]
 
 
-RAY = ("--ray", "--replicas", "2")
+def on_ray(cluster: RayCluster) -> tuple[str, ...]:
+    """``--ray`` on the session's cluster with two replicas (one CPU each: the cluster has this machine's two)."""
+    return ("--ray", cluster.address, "--replicas", "2")
 
 
 def score_args(ws: Workspace, model: Path, *extra: str) -> list[str]:
@@ -55,8 +58,9 @@ def straight(base: Workspace, tiny_model_dir: Path, tmp_path_factory: pytest.Tem
     return ws
 
 
-def _start(ws: Workspace, model: Path) -> subprocess.Popen:
-    return subprocess.Popen(_command("curate", score_args(ws, model, *RAY)), env=_env(), cwd=REPO,
+def _start(ws: Workspace, model: Path, cluster: RayCluster) -> subprocess.Popen:
+    _no_replicas_left(cluster)
+    return subprocess.Popen(_command("curate", score_args(ws, model, *on_ray(cluster))), env=_env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -71,13 +75,22 @@ def _wait_for_parts(ws: Workspace, process: subprocess.Popen, count: int, timeou
     raise AssertionError(f"no {count} parts after {timeout:.0f} s")
 
 
-def _replica_pids() -> list[int]:
-    listed = subprocess.run(["pgrep", "-f", "MapBatches\\(_Replica\\)"], capture_output=True, text=True)
-    return [int(p) for p in listed.stdout.split()]
+def _replica_pids(cluster: RayCluster) -> list[int]:
+    """The replica processes of the session's cluster (another cluster's on this machine are not ours)."""
+    return cluster.workers("MapBatches\\(_Replica\\)")
 
 
-def _stop_cluster(process: subprocess.Popen) -> None:
-    """What a SIGKILLed driver leaves of its local cluster (its session's processes) goes too."""
+def _no_replicas_left(cluster: RayCluster, timeout: float = 120.0) -> None:
+    """Wait until the replicas of an earlier run are gone (Ray ends them once their driver has ended), so the
+    replica a test kills is one of the run it watches."""
+    deadline = time.monotonic() + timeout
+    while _replica_pids(cluster):
+        assert time.monotonic() < deadline, f"replicas of an earlier run alive after {timeout:.0f} s: {_replica_pids(cluster)}"
+        time.sleep(0.2)
+
+
+def _stop_driver(process: subprocess.Popen) -> None:
+    """A SIGKILLed driver and whatever it started itself (its session); the cluster stays for the next test."""
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -85,47 +98,48 @@ def _stop_cluster(process: subprocess.Popen) -> None:
 
 
 def test_two_replicas_write_the_rows_of_one_process(straight: Workspace, base: Workspace, tiny_model_dir: Path,
-                                                    tmp_path: Path) -> None:
+                                                    ray_cluster: RayCluster, tmp_path: Path) -> None:
     """Probe and generate; score's two-replica rows are compared with the one-process run's by the fault tests."""
     ws = Workspace(tmp_path / "ray")
     copy_of(base)(ws)
     for args in (probe_args, generate_args):
-        run("curate", args(ws, tiny_model_dir, *RAY))
+        run("curate", args(ws, tiny_model_dir, *on_ray(ray_cluster)))
     same_workspaces(ws, straight, ["probe_scores", "traces", "best_traces"])
 
 
-def test_a_killed_driver_is_finished_by_a_rerun(straight: Workspace, base: Workspace, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_a_killed_driver_is_finished_by_a_rerun(straight: Workspace, base: Workspace, tiny_model_dir: Path,
+                                                ray_cluster: RayCluster, tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ray")
     copy_of(base)(ws)
-    process = _start(ws, tiny_model_dir)
+    process = _start(ws, tiny_model_dir, ray_cluster)
     try:
         _wait_for_parts(ws, process, 2)
         process.send_signal(signal.SIGKILL)
         process.wait()
     finally:
-        _stop_cluster(process)
+        _stop_driver(process)
     killed_with = len(ws.parts("token_scores"))
     assert killed_with < len(straight.parts("token_scores")), "the run finished before the kill: the test proves nothing"
-    run("curate", score_args(ws, tiny_model_dir, *RAY))
+    run("curate", score_args(ws, tiny_model_dir, *on_ray(ray_cluster)))
     print(f"driver killed with {killed_with} of {len(straight.parts('token_scores'))} parts written")
     same_workspaces(ws, straight, TABLES)
 
 
 def test_a_dead_replica_is_replaced_and_its_shard_redone(straight: Workspace, base: Workspace, tiny_model_dir: Path,
-                                                         tmp_path: Path) -> None:
+                                                         ray_cluster: RayCluster, tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ray")
     copy_of(base)(ws)
-    process = _start(ws, tiny_model_dir)
+    process = _start(ws, tiny_model_dir, ray_cluster)
     try:
         _wait_for_parts(ws, process, 1)
-        victims = _replica_pids()
+        victims = _replica_pids(ray_cluster)
         assert victims, "no replica process found to kill"
         os.kill(victims[0], signal.SIGKILL)
         killed_with = len(ws.parts("token_scores"))
         _, errors = process.communicate(timeout=600)
         assert process.returncode == 0, errors[-3000:]
     finally:
-        _stop_cluster(process)
+        _stop_driver(process)
     assert killed_with < len(straight.parts("token_scores")), "the run finished before the kill: the test proves nothing"
     print(f"replica {victims[0]} killed with {killed_with} of {len(straight.parts('token_scores'))} parts written")
     same_workspaces(ws, straight, TABLES)

@@ -27,7 +27,8 @@ LIBRARY_VARIABLES = ("VLLM_LOGGING_LEVEL", "VLLM_LOGGING_STREAM", "TRANSFORMERS_
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """No level set by the user or by an earlier test (monkeypatch restores the environment after)."""
     for name in (logs.ENV, *LIBRARY_VARIABLES):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so what the test (or main) sets is undone after it
+        monkeypatch.delenv(name)
     return monkeypatch
 
 

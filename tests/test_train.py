@@ -14,8 +14,8 @@ from conftest import REPO, write_parquet
 from curate.kernel.chat_tokens import tokenize_chat
 from train.data import DataError, load_examples, read_table
 from train.objectives import token_stats
-from train.packing import head_only_at, pack, packed_attention, packed_nll
-from train.sft import TrainConfig, collate, load_model, packed_sft_objective, run_calibrate, run_sft, train
+from train.packing import head_only_at, pack, packed_attention, packed_nll, packed_sft_objective
+from train.sft import TrainConfig, collate, load_model, run_calibrate, run_sft, train
 
 GOLDEN = REPO / "tests" / "golden" / "tiny_sft_first_losses.json"
 

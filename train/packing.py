@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from train.data import TrainExample
+from train.objectives import Objective
 
 PACKED_ATTENTION = "curate_packed_sdpa"
 
@@ -64,6 +65,13 @@ def packed_nll(model: Any, batch: PackedBatch) -> torch.Tensor:
     with head_only_at(model, batch.predictors):
         logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, packed_bounds=batch.bounds).logits
     return torch.nn.functional.cross_entropy(logits.float(), batch.labels, reduction="none")
+
+
+def packed_sft_objective(nll: torch.Tensor, weights: torch.Tensor) -> Objective:
+    """Plain SFT on a packed micro-batch: weight x NLL summed over its trained tokens ([K] each; ``sft_objective``
+    over a flat list of trained tokens), divided by the optimizer step's trained tokens."""
+    count = int(nll.shape[0])
+    return Objective((nll * weights).sum(), count, torch.ones_like(nll, dtype=torch.bool), {"targets": count, "kept_tokens": count})
 
 
 @contextlib.contextmanager

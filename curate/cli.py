@@ -19,18 +19,17 @@ from curate.looks.report import write_report
 from curate.looks.show import show
 from curate.models import registry
 from curate.models.engines import DEFAULT_DTYPE, DTYPES, ENGINES
-from curate.models.scorer import open_scorer, open_served_scorer
-from curate.models.served import POOLING_ARGS, Endpoint, free_port, server_command, server_log, start_server, stop_server
-from curate.models.teacher import Sampling, open_served_teacher, open_teacher
-from curate.stages.best_of_n import RULES, choose_best
+from curate.models.scorer import open_served_scorer
+from curate.models.served import POOLING_ARGS, Endpoint, only_served_model, free_port, server_command, server_log, start_server, stop_server
+from curate.models.teacher import Sampling
+from curate.stages.best_of_n import RULES
 from curate.stages.export import FORMATS as EXPORT_FORMATS
 from curate.stages.export import export
-from curate.stages.generate import generate, generate_on_ray, source_predicate
+from curate.stages.generate import source_predicate
 from curate.stages.ingest import ingest
-from curate.stages.probe import probe, probe_on_ray
+from curate.stages.pipeline import run_generate, run_probe, run_score
 from curate.stages.recipes import RECIPE_DIR, load_recipe
 from curate.stages.records import FORMATS as INPUT_FORMATS
-from curate.stages.score import score, score_on_ray, score_pair
 from curate.stages.select import select
 from curate.stages.shards import RaySettings
 from curate.store import sql
@@ -64,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorkspaceBusy as err:
         print(f"curate {args.command}: {err}", file=sys.stderr)
         return 3
-    except (FileNotFoundError, ValueError, LookupError, IntegrityError) as err:
+    except (FileNotFoundError, ValueError, LookupError, IntegrityError, ConnectionError) as err:
         print(f"curate {args.command}: error: {_damaged(args) or err}", file=sys.stderr)
         return 1
     except Exception:  # pyarrow or DuckDB meeting a damaged part: say how to repair it (anything else as it is)
@@ -152,11 +151,11 @@ def _ray_settings(args: argparse.Namespace, opener: dict):
     return RaySettings(args.ray or None, args.replicas, opener)
 
 
-def _endpoint(args: argparse.Namespace):
-
-    if not args.served_model:
+def _endpoint(args: argparse.Namespace, *, url: str | None = None, served_model: str | None = None) -> Endpoint:
+    served_model = served_model or args.served_model
+    if not served_model:
         raise ValueError("--endpoint needs --served-model NAME (the server's /v1/models lists the names)")
-    return Endpoint(args.endpoint, args.served_model, api_key_env=args.api_key_env, concurrency=args.concurrency,
+    return Endpoint(url or args.endpoint, served_model, api_key_env=args.api_key_env, concurrency=args.concurrency,
                     requests_per_minute=args.requests_per_minute, timeout=args.timeout, max_retries=args.max_retries)
 
 
@@ -327,6 +326,14 @@ def _add_score(verbs: argparse._SubParsersAction) -> None:
     models.add_argument("--model", help="bundled alias (smollm2), local checkpoint directory, or hub id")
     models.add_argument("--pair", nargs=2, metavar=("BASE", "CALIBRATED"), help="score two models on the same tokens")
     models.add_argument("--endpoint", help="a vLLM server's URL (see --served-signals)")
+    models.add_argument("--pair-endpoints", nargs=2, metavar=("BASE_URL", "CALIBRATED_URL"),
+                        help="score a pair through two servers: pooling servers (`curate serve M --pooling`) give KL and "
+                             "log-ratio, as --pair does in this process; log-prob servers give the log-ratio only (no KL)")
+    parser.add_argument("--pair-served-models", nargs=2, metavar=("BASE", "CALIBRATED"),
+                        help="with --pair-endpoints: the models' names on their servers (default: the one each server lists)")
+    parser.add_argument("--pair-local-models", nargs=2, metavar=("BASE", "CALIBRATED"),
+                        help="with --pair-endpoints: local copies of the two served models (tokenizer; output heads); "
+                             "default: the model roots the servers report")
     _engine_args(parser)
     parser.add_argument("--top-k", type=int, default=5, help="alternatives kept per token (default 5)")
     parser.add_argument("--where", help="SQL predicate on examples, e.g. \"split = 'pool'\"")
@@ -351,27 +358,18 @@ def _add_score(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-
-    example_predicate(args.workspace, args.where)  # a bad filter fails now, not after the model loaded
+    where = example_predicate(args.workspace, args.where)  # checked once, now: not after the model loaded
     options = {"engine": args.engine, "dtype": args.dtype, "top_k": args.top_k, "max_len": args.max_len, "overlong": args.overlong,
                "prompt_format": args.prompt_format, "options": engine_options(args)}
-    common = {"where": args.where, "shard_size": args.shard_size, "progress": not args.quiet}
+    if args.ray is not None and not args.model:
+        raise ValueError("--ray scores one in-process model per replica: give --model (not --pair or --endpoint)")
+    served = {"local_model": args.local_model, "signals": args.served_signals, "top_k": args.top_k, "max_len": args.max_len,
+              "overlong": args.overlong, "prompt_format": args.prompt_format}
     with args.workspace.writing():  # a second writer refuses before any model loads
-        if args.ray is not None:
-
-            if not args.model:
-                raise ValueError("--ray scores one in-process model per replica: give --model (not --pair or --endpoint)")
-            report = score_on_ray(args.workspace, _ray_settings(args, {"model": args.model, **options}), ifd=args.ifd, **common)
-        elif args.endpoint:
-
-            scorer = open_served_scorer(_endpoint(args), local_model=args.local_model, signals=args.served_signals, top_k=args.top_k,
-                                        max_len=args.max_len, overlong=args.overlong, prompt_format=args.prompt_format)
-            report = score(args.workspace, scorer, ifd=args.ifd, **common)
-        elif args.pair:
-            base, calibrated = (open_scorer(m, together=2, **options) for m in args.pair)
-            report = score_pair(args.workspace, base, calibrated, **common)
-        else:
-            report = score(args.workspace, open_scorer(args.model, **options), ifd=args.ifd, **common)
+        pair = tuple(args.pair) if args.pair else _served_pair(args, served) if args.pair_endpoints else None
+        report = run_score(args.workspace, model=None if args.ray is not None or args.endpoint else args.model, pair=pair, endpoint=_endpoint(args) if args.endpoint else None,
+                           served=served, ray=_ray_settings(args, {"model": args.model, **options}) if args.ray is not None else None,
+                           options=options, where=where, ifd=args.ifd, shard_size=args.shard_size, progress=not args.quiet)
     print(report.summary())
     return 0
 
@@ -391,7 +389,7 @@ def _add_probe(verbs: argparse._SubParsersAction) -> None:
         _run_probe,
     )
     _workspace_arg(parser)
-    parser.add_argument("--model", required=True, help="bundled alias (smollm2), local checkpoint directory, or hub id")
+    parser.add_argument("--model", help="bundled alias (smollm2), local checkpoint directory, or hub id (or --endpoint)")
     _engine_args(parser)
     parser.add_argument(
         "--template",
@@ -402,20 +400,35 @@ def _add_probe(verbs: argparse._SubParsersAction) -> None:
     parser.add_argument("--where", help="SQL predicate on examples, e.g. \"split = 'pool'\"")
     parser.add_argument("--shard-size", type=int, default=256, help="examples per written part (the resume unit)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--local-model", help="with --endpoint: a local copy of the served model (tokenizer, output head); "
+                        "default: the model root the server reports")
+    _served_args(parser, "the probed model (a pooling server: `curate serve M --pooling`)")
     add_engine_arguments(parser)
     _ray_args(parser)
 
 
-def _run_probe(args: argparse.Namespace) -> int:
+def _served_pair(args: argparse.Namespace, served: dict) -> tuple:
+    """The two scorers of ``--pair-endpoints``: each server's model (named, or the one it lists) and local copy."""
+    names = args.pair_served_models or [None, None]
+    local = args.pair_local_models or [None, None]
+    scorers = []
+    for url, name, copy in zip(args.pair_endpoints, names, local):
+        endpoint = _endpoint(args, url=url, served_model=name or only_served_model(url))
+        scorers.append(open_served_scorer(endpoint, **(served | {"local_model": copy})))
+    return tuple(scorers)
 
-    example_predicate(args.workspace, args.where)
-    opener = {"model": args.model, "engine": args.engine, "dtype": args.dtype, "top_k": 0, "options": engine_options(args)}
-    common = {"template": args.template, "where": args.where, "shard_size": args.shard_size, "progress": not args.quiet}
+
+def _run_probe(args: argparse.Namespace) -> int:
+    where = example_predicate(args.workspace, args.where)  # checked once, now: not after the model loaded
+    options = {"engine": args.engine, "dtype": args.dtype, "options": engine_options(args)}
+    if bool(args.model) == bool(args.endpoint):
+        raise ValueError("give the probed model as --model M (in-process) or --endpoint URL --served-model NAME, one of the two")
     with args.workspace.writing():
-        if args.ray is not None:
-            report = probe_on_ray(args.workspace, _ray_settings(args, opener), **common)
-        else:
-            report = probe(args.workspace, open_scorer(**opener), **common)
+        served = open_served_scorer(_endpoint(args), local_model=args.local_model, signals="exact", top_k=0) if args.endpoint else None
+        report = run_probe(args.workspace, model=served or (args.model if args.ray is None else None),
+                           ray=_ray_settings(args, {"model": args.model, "top_k": 0, **options}) if args.ray is not None else None,
+                           options=options, template=args.template, where=where, shard_size=args.shard_size,
+                           progress=not args.quiet)
     print(report.summary())
     return 0
 
@@ -465,36 +478,21 @@ def _add_generate(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-
     sampling = Sampling(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
-    if args.choose == "student-logprob" and not args.student:
-        raise ValueError("--choose student-logprob needs --student MODEL")
-    source_predicate(args.workspace, args.source)  # a bad --from fails now, not after the teacher loaded
+    source = source_predicate(args.workspace, args.source)  # checked once, now: not after the teacher loaded
     if bool(args.teacher) == bool(args.endpoint):
         raise ValueError("give the teacher as --teacher MODEL (in-process) or --endpoint URL --served-model NAME, one of the two")
+    if args.ray is not None and args.endpoint:
+        raise ValueError("--ray runs an in-process teacher per replica: a served teacher takes --concurrency instead")
+    options = {"dtype": args.dtype, "max_len": args.max_len, "options": engine_options(args)}
+    student = {"model": args.student, "engine": args.student_engine} if args.student else None
     with args.workspace.writing():
-        common = {"source": args.source, "sampling": sampling, "template": args.template, "batch_size": args.batch_size,
-                  "progress": not args.quiet}
-        opener = {"model": args.teacher, "dtype": args.dtype, "max_len": args.max_len, "options": engine_options(args)}
-        if args.ray is not None:
-
-            if args.endpoint:
-                raise ValueError("--ray runs an in-process teacher per replica: a served teacher takes --concurrency instead")
-            report = generate_on_ray(args.workspace, _ray_settings(args, opener), **common)
-        else:
-            if args.endpoint:
-
-                teacher = open_served_teacher(_endpoint(args))
-            else:
-                teacher = open_teacher(**opener)
-            report = generate(args.workspace, teacher, **common)
-            teacher.close()
-        print(report.summary())
-        student = None
-        if args.choose == "student-logprob":
-
-            student = open_scorer(args.student, engine=args.student_engine, top_k=0)
-        chosen = choose_best(args.workspace, report.key, rule=args.choose, student=student)
+        report, chosen = run_generate(
+            args.workspace, teacher=args.teacher if args.ray is None else None, endpoint=_endpoint(args) if args.endpoint else None,
+            ray=_ray_settings(args, {"model": args.teacher, **options}) if args.ray is not None else None, options=options,
+            source=source, sampling=sampling, template=args.template, batch_size=args.batch_size, progress=not args.quiet,
+            choose=args.choose, student=student)
+    print(report.summary())
     print(f"best-of-{args.n} ({args.choose}): one trace for each of {chosen:,} examples -> best_traces")
     return 0
 

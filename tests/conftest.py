@@ -84,10 +84,11 @@ def _closing(opened):
     opened.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_scorer(smollm2_dir: Path):
-    """A float32 vLLM pooling engine, opened once for every module that uses it (start-up takes ~15-30 s on 2
-    cores; test_probe, test_score_real and test_served read it, none changes it)."""
+    """A float32 vLLM pooling engine, opened once per module that uses it (start-up takes ~15-30 s on 2 cores).
+    Not per session: closing any other in-process engine tears down vLLM's process-wide parallel state, and an
+    engine kept open across modules then fails ("pipeline model parallel group is not initialized")."""
     pytest.importorskip("vllm")
     from curate.models.scorer import open_scorer
 

@@ -93,3 +93,6 @@ def test_two_logprob_servers_give_the_log_ratio_without_kl(served_smollm2: str, 
     for row in rows.values():
         assert all(v is None or np.isnan(v) for v in row["kl"])
         assert np.max(np.abs(np.array(row["log_ratio"][1:], dtype=float))) < 1e-5
+    pair_key, base_key = connect(fresh).execute("select pair_key, base_key from pair_scores limit 1").fetchone()
+    with pytest.raises(ValueError, match="needs"):
+        select(fresh, load_recipe("eksft_offline"), name="no_kl", params={"base_key": base_key, "pair_key": pair_key})

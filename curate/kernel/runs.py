@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import shlex
 import socket
 import sys
 import time
@@ -91,7 +92,7 @@ class RunRecord:
             "parameters": json.dumps(canonical(self.parameters), sort_keys=True, default=str),
             "fingerprints": json.dumps(canonical(self.fingerprints), sort_keys=True, default=str),
             "code_version": code_version(), "counts": json.dumps(canonical(self.counts), sort_keys=True, default=str),
-            "error": self.error, "command": " ".join(sys.argv), "pid": os.getpid(), "host": socket.gethostname(),
+            "error": self.error, "command": shlex.join(sys.argv), "pid": os.getpid(), "host": socket.gethostname(),
             "started_at": stamp(self.started), "finished_at": stamp(self.finished),
             "seconds": None if self.finished is None else self.finished - self.started,
         }

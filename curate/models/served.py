@@ -303,3 +303,20 @@ class ServedIdentity:
 
     def names(self) -> list[str]:
         return [self.given, self.path] + ([self.info["root"]] if self.info.get("root") else [])
+
+
+def only_served_model(url: str, *, timeout: float = 30.0) -> str:
+    """The name of the one model a server serves (its /v1/models); an error naming them when it serves several."""
+    import httpx
+
+    base = url.rstrip("/") if url.rstrip("/").endswith("/v1") else url.rstrip("/") + "/v1"
+    try:
+        response = httpx.get(f"{base}/models", timeout=timeout)
+        response.raise_for_status()
+    except httpx.HTTPError as err:
+        raise ConnectionError(f"cannot reach {base}/models ({type(err).__name__}); is the server up?") from None
+    names = [str(m.get("id")) for m in response.json().get("data", [])]
+    if len(names) != 1:
+        raise ValueError(f"{base} serves {len(names)} models ({', '.join(names) or 'none'}): name the one to use "
+                         "(--pair-served-models BASE CALIBRATED)")
+    return names[0]

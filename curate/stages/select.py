@@ -116,7 +116,8 @@ _HAS = {
     "scores": ("score_run", {"sample_scores": "score_key = $key", "token_scores": "score_key = $key"}),
     "ifd": ("score_run", {"sample_scores": "score_key = $key and ifd is not null",
                           "token_scores": "score_key = $key and variant = 'response_only'"}),
-    "kl": ("pair_run", {"pair_scores": "pair_key = $key"}),
+    # KL comes from two models' hidden states: a pair of log-prob servers (--pair-endpoints) has the log-ratio only
+    "kl": ("pair_run", {"pair_scores": "pair_key = $key and base_key not in (select score_key from token_scores where signals = 'logprob-only')"}),
     "probe": ("probe_run", {"probe_scores": "probe_key = $key"}),
     "traces": ("generate_run", {"best_traces": "gen_key = $key"}),
 }

@@ -32,14 +32,11 @@ from curate.looks.plot import plot
 from curate.looks.report import write_report
 from curate.models import registry
 from curate.models.scorer import open_scorer
-from curate.models.teacher import Sampling, open_teacher
-from curate.stages.best_of_n import choose_best
+from curate.models.teacher import Sampling
 from curate.stages.export import export
-from curate.stages.generate import generate
 from curate.stages.ingest import ingest
-from curate.stages.probe import probe
+from curate.stages.pipeline import held, run_generate, run_probe, run_score
 from curate.stages.recipes import load_recipe
-from curate.stages.score import pair_key, score, score_pair
 from curate.stages.select import choose, select
 from curate.store.sql import connect
 from curate.store.workspace import Workspace
@@ -80,21 +77,19 @@ def main(argv: list[str] | None = None) -> None:
     size = {**size, "where": study_predicates(ws, name="demo", pool=size["where"], heldout="split = 'heldout'", planted=True)[0]}
 
     step(f"score the base model ({size['where']})")
-    base = open_scorer(base_dir, engine="vllm")
-    print(score(ws, base, where=size["where"], ifd=True).summary())
-    step("answer-entropy probe")
-    probed = probe(ws, base, where=size["where"])
-    print(probed.summary())
-    base.close()
+    with held(base_dir, open_scorer, engine="vllm") as base:  # one engine for scoring and the probe
+        print(run_score(ws, model=base, where=size["where"], ifd=True).summary())
+        step("answer-entropy probe")
+        probed = run_probe(ws, model=base, where=size["where"])
+        print(probed.summary())
 
     step("teacher traces for every probed example (complexity stage 1 trains their answers, stage 2 the hard ones' traces)")
     select(ws, load_recipe("probed"), name="probed", params={"probe_key": probed.key})
-    teacher = open_teacher(base_dir, max_len=2048)
     sampling = Sampling(n=2, temperature=0.7, max_tokens=size["trace_tokens"])
-    traced = generate(ws, teacher, source="probed", sampling=sampling)
-    teacher.close()
+    traced, chosen = run_generate(ws, teacher=base_dir, options={"max_len": 2048}, source="probed", sampling=sampling,
+                                  choose="shortest")
     print(traced.summary())
-    print(f"best-of-2 (shortest correct): {choose_best(ws, traced.key, rule='shortest')} examples")
+    print(f"best-of-2 (shortest correct): {chosen} examples")
 
     step("calibrate: LoRA on a random 10% of the demo pool (seed 42), merged")
     calibrated_dir = ws.root / "models" / "calibrated"
@@ -102,13 +97,12 @@ def main(argv: list[str] | None = None) -> None:
         pool = examples_table(ws, size["where"], ws.root / "demo" / "pool")
         run_calibrate(TrainConfig(data=str(pool), fraction=0.1, seed=42, model=base_dir, out=str(calibrated_dir), max_len=384))
     step("pair scores: base vs calibrated")
-    base = open_scorer(base_dir, engine="vllm", together=2)
-    calibrated = open_scorer(str(calibrated_dir), engine="vllm", together=2)
-    print(score_pair(ws, base, calibrated, where=size["where"]).summary())
-    keys = {"score_key": base.key, "base_key": base.key, "calibrated_key": calibrated.key, "pair_key": pair_key(base, calibrated),
-            "probe_key": probed.key, "gen_key": traced.key}
-    base.close()
-    calibrated.close()
+    with held(base_dir, open_scorer, engine="vllm", together=2) as base, \
+            held(str(calibrated_dir), open_scorer, engine="vllm", together=2) as calibrated:
+        paired = run_score(ws, pair=(base, calibrated), where=size["where"])
+        print(paired.summary())
+        keys = {"score_key": base.key, "base_key": base.key, "calibrated_key": calibrated.key, "pair_key": paired.key,
+                "probe_key": probed.key, "gen_key": traced.key}
 
     step("every recipe")
     selections = {}

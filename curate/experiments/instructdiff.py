@@ -16,8 +16,8 @@ from typing import Any
 
 from curate.models.registry import resolve
 from curate.models.scorer import open_scorer
+from curate.stages.pipeline import held, run_score
 from curate.stages.recipes import load_recipe
-from curate.stages.score import score_pair
 from curate.stages.select import select
 from curate.store.workspace import Workspace
 from train.sft import configure, run_calibrate
@@ -71,11 +71,9 @@ def iterate(workspace: Workspace, *, model: str, iterations: int = 3, warmup_fra
                 data = {"data": str(workspace.table_dir("examples")), "split": split, "fraction": warmup_fraction,
                         "seed": WARMUP_SEED} if k == 1 else {"data": str(workspace.table_dir(f"selections/instructdiff_{k - 1}"))}
                 run_calibrate(configure({**training, **data, "model": base_dir, "out": str(calibrated)}, preset=preset), progress=progress)
-            base = open_scorer(base_dir, engine=engine, dtype=dtype, together=2, prompt_format=prompt_format)
-            scorer = open_scorer(str(calibrated), engine=engine, dtype=dtype, together=2, prompt_format=prompt_format)
-            scored = score_pair(workspace, base, scorer, where=where, progress=progress)
-            base.close()
-            scorer.close()
+            options = {"engine": engine, "dtype": dtype, "together": 2, "prompt_format": prompt_format}
+            with held(base_dir, open_scorer, **options) as base, held(str(calibrated), open_scorer, **options) as scorer:
+                scored = run_score(workspace, pair=(base, scorer), where=where, progress=progress)
             chosen = select(workspace, recipe, name=f"instructdiff_{k}",
                             params={"base_key": base.key, "calibrated_key": scorer.key, "split": split, **(params or {})})
             report.iterations.append(IterationReport(k, str(calibrated), trained, scored.examples_scored, chosen.rows,

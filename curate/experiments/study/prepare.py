@@ -11,12 +11,9 @@ from curate.experiments.study.spec import StudySpec
 from curate.kernel.atomic import write_atomic
 from curate.models.registry import resolve
 from curate.models.scorer import open_scorer
-from curate.models.teacher import Sampling, open_teacher
-from curate.stages.best_of_n import choose_best
-from curate.stages.generate import generate
-from curate.stages.probe import probe
+from curate.models.teacher import Sampling
+from curate.stages.pipeline import held, run_generate, run_probe, run_score
 from curate.stages.recipes import load_recipe
-from curate.stages.score import pair_key, score, score_pair
 from curate.stages.select import select
 from curate.store.examples import example_predicate
 from curate.store.sql import connect
@@ -83,13 +80,12 @@ def prepare(workspace: Workspace, spec: StudySpec, folder: Path, *, progress: bo
     steps = planned_steps(spec)
     keys = Keys()
     options = {"engine": spec.engine, "dtype": spec.dtype}
-    if steps.get("score", True) or steps.get("calibrate") or steps.get("probe"):
-        base = open_scorer(spec.model, **options)
-        if steps.get("score", True):
-            keys.score = score(workspace, base, where=spec.pool, ifd=bool(steps.get("ifd")), progress=progress).key
-        if steps.get("probe"):
-            keys.probe = probe(workspace, base, where=spec.pool, progress=progress).key
-        base.close()
+    if steps.get("score", True) or steps.get("probe"):
+        with held(spec.model, open_scorer, **options) as base:  # one engine for both stages
+            if steps.get("score", True):
+                keys.score = run_score(workspace, model=base, where=spec.pool, ifd=bool(steps.get("ifd")), progress=progress).key
+            if steps.get("probe"):
+                keys.probe = run_probe(workspace, model=base, where=spec.pool, progress=progress).key
     if steps.get("calibrate"):
         settings = dict(steps["calibrate"]) if isinstance(steps["calibrate"], dict) else {}
         calibrated = folder / "calibrated"
@@ -98,22 +94,22 @@ def prepare(workspace: Workspace, spec: StudySpec, folder: Path, *, progress: bo
             run_calibrate(configure({"data": str(pool), "model": resolve_model(spec.model), "out": str(calibrated),
                                      "fraction": settings.pop("fraction", 0.1), "seed": settings.pop("seed", 42), **settings}),
                           progress=progress)
-        base, other = (open_scorer(m, together=2, **options) for m in (spec.model, str(calibrated)))
-        score_pair(workspace, base, other, where=spec.pool, progress=progress)
-        keys.score, keys.calibrated, keys.pair = base.key, other.key, pair_key(base, other)
-        base.close()
-        other.close()
+        with held(spec.model, open_scorer, together=2, **options) as base, \
+                held(str(calibrated), open_scorer, together=2, **options) as other:
+            keys.pair = run_score(workspace, pair=(base, other), where=spec.pool, progress=progress).key
+            keys.score, keys.calibrated = base.key, other.key
     if steps.get("traces"):
         settings = dict(steps["traces"]) if isinstance(steps["traces"], dict) else {}
         if keys.probe is None:
             raise ValueError("prepare.traces generates for the probed examples: set prepare.probe = true too")
         probed = f"study_{spec.name}_probed"  # every validly probed example: stage 1 trains the teacher's answers too
         select(workspace, load_recipe("probed"), name=probed, params={"probe_key": keys.probe, "split": settings.pop("split", "pool")})
-        teacher = open_teacher(settings.pop("teacher", spec.model), dtype=spec.dtype, max_len=settings.pop("max_len", 2048))
+        teacher = settings.pop("teacher", spec.model)
+        options = {"dtype": spec.dtype, "max_len": settings.pop("max_len", 2048)}
         sampling = Sampling(n=settings.pop("n", 1), temperature=settings.pop("temperature", 0.0), max_tokens=settings.pop("max_tokens", 256))
-        keys.traces = generate(workspace, teacher, source=probed, sampling=sampling, progress=progress).key
-        teacher.close()
-        choose_best(workspace, keys.traces, rule="shortest")
+        traced, _ = run_generate(workspace, teacher=teacher, options=options, source=probed, sampling=sampling, progress=progress,
+                                 choose="shortest")
+        keys.traces = traced.key
     return keys
 
 

@@ -314,3 +314,27 @@ def test_a_failed_run_leaves_no_checkpoint_folder(chats_parquet: Path, tiny_mode
     with pytest.raises(ValueError, match="exists and is not a train output"):
         run_sft(_config(chats_parquet, tiny_model_dir, tmp_path / "mine", max_steps=1), progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_the_online_methods_train_the_forks_reply_slot_and_plain_sft_the_reply_and_its_end_of_turn(smollm2_tokenizer_dir: Path) -> None:
+    """span=slot (the EKSFT and Q-Tuning forks' `{content}<|im_end|>\\n`, what --method eksft|qtuning train by
+    default) adds the newline after each end-of-turn token; content_eot (plain SFT's default) stops at it."""
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from train.sft import _resolved_span
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]
+    table = pa.table({"messages": [messages]})
+
+    def trained(span: str) -> str:
+        (example,), _ = load_examples(table, tokenizer, max_len=256, source="t", span=span)
+        return "|".join(tokenizer.decode([t]) for t, on in zip(example.input_ids, example.targets) if on)
+
+    assert trained("content_eot") == "4|<|im_end|>|6|<|im_end|>"
+    assert trained("slot") == "4|<|im_end|>|\n|6|<|im_end|>|\n"
+    assert [_resolved_span(TrainConfig(data="d", model="m", out="o", method=m)) for m in ("sft", "eksft", "qtuning")] == \
+        ["content_eot", "slot", "slot"]
+    assert _resolved_span(TrainConfig(data="d", model="m", out="o", method="eksft", span="content_eot")) == "content_eot"

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from curate.kernel.machine import PRECISIONS
 from curate.kernel.vllm_factory import add_engine_arguments, engine_options
+from train.data import SPANS
 from train.evaluate import evaluate
 from train.objectives import (
     EKSFT_COMBINE,
@@ -131,6 +132,10 @@ def _training_args(parser: argparse.ArgumentParser) -> None:
                         help="packed: each micro-batch's examples in one row, no padding, attention within each example (plain "
                              "SFT); padded: rows padded to the longest; auto (default): packed for plain SFT, padded for "
                              "--method eksft|qtuning (they select per sequence). The same examples per micro-batch either way")
+    parser.add_argument("--span", choices=SPANS,
+                        help="which reply tokens train (rows without a loss mask): slot ({content}<|im_end|>\\n, as the EKSFT and "
+                             "Q-Tuning reference forks train), content_eot (the reply and its end-of-turn token); auto (default): "
+                             "slot for --method eksft|qtuning, content_eot for plain SFT")
     parser.add_argument("--split", help="keep only rows of this split (e.g. pool)")
     parser.add_argument("--limit", type=int, help="first N rows only")
     parser.add_argument("--precision", choices=PRECISIONS,
@@ -142,7 +147,7 @@ def _training_args(parser: argparse.ArgumentParser) -> None:
 
 
 TRAINING_OPTIONS = ("method", "lora_r", "epochs", "lr", "scheduler", "warmup_ratio", "weight_decay", "adam_beta2", "max_len",
-                    "batch_size", "grad_accum", "max_steps", "batching", "split", "limit", "precision", "seed", "stage", "fraction",
+                    "batch_size", "grad_accum", "max_steps", "batching", "span", "split", "limit", "precision", "seed", "stage", "fraction",
                     "eksft_ratio", "eksft_combine", "eksft_lambda_entropy", "eksft_lambda_kl", "eksft_normalise",
                     "keep_end_of_turn", "r_sample", "r_token", "smoothing", "qtuning_entropy", "qtuning_search", "qtuning_normalise")
 

@@ -92,8 +92,27 @@ def sample_fraction(table: pa.Table, fraction: float, *, seed: int) -> pa.Table:
     return table.take(chosen)
 
 
-def load_examples(table: pa.Table, tokenizer: Any, *, max_len: int, source: str) -> tuple[list[TrainExample], LoadReport]:
-    """Tokenize and check every row; a bad mask or tokenizer mismatch is an error naming the row."""
+SPANS = ("auto", "slot", "content_eot")
+
+
+def slot_span(is_response: list[bool], is_end_of_turn: list[bool], message_index: list[int]) -> list[bool]:
+    """The reply slot as the LLaMA-Factory forks of EKSFT and Q-Tuning label it, ``{content}<|im_end|>\n``: the
+    reply's tokens and its end-of-turn token, plus what follows the end-of-turn token inside its own turn (in
+    chatml, the newline)."""
+    slot = list(is_response)
+    for position, closes in enumerate(is_end_of_turn):
+        after = position + 1
+        while closes and after < len(slot) and message_index[after] == message_index[position]:
+            slot[after] = True
+            after += 1
+    return slot
+
+
+def load_examples(table: pa.Table, tokenizer: Any, *, max_len: int, source: str,
+                  span: str = "content_eot") -> tuple[list[TrainExample], LoadReport]:
+    """Tokenize and check every row; a bad mask or tokenizer mismatch is an error naming the row. ``span``:
+    which tokens of a reply train where the row has no loss mask (content_eot: the reply and its end-of-turn
+    token; slot: also the rest of its turn, as the EKSFT and Q-Tuning forks train)."""
     report = LoadReport(rows=table.num_rows)
     has_mask, has_ids, has_weight = (name in table.column_names for name in ("loss_mask", "input_ids", "weight"))
     ids_column = table.column("example_id").to_pylist() if "example_id" in table.column_names else None
@@ -105,6 +124,8 @@ def load_examples(table: pa.Table, tokenizer: Any, *, max_len: int, source: str)
         except (TemplateError, KeyError, TypeError) as err:
             raise DataError(f"{where}: cannot render the messages with the chat template: {err}") from err
         ids, targets, end_of_turn = list(chat.token_ids), list(chat.is_response), list(chat.is_end_of_turn)
+        if span == "slot":
+            targets = slot_span(targets, end_of_turn, list(chat.message_index))
         if has_ids and row["input_ids"] is not None and list(row["input_ids"]) != ids:
             raise DataError(f"{where}: input_ids differ from this model's tokenization of the messages: the masks were "
                             "made with another tokenizer or chat template; re-make them for this model")

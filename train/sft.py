@@ -33,7 +33,7 @@ from curate.kernel.fingerprint import model_fingerprint, table_fingerprint
 from curate.kernel.keys import run_key
 from curate.kernel.machine import PRECISIONS, device, resolve_precision
 from curate.kernel.runs import model_names, recorded_run
-from train.data import TrainExample, load_examples, read_table, sample_fraction
+from train.data import SPANS, TrainExample, load_examples, read_table, sample_fraction
 from train.packing import pack, packed_attention, packed_nll, packed_sft_objective
 from train.objectives import (
     EKSFT_COMBINE,
@@ -88,6 +88,8 @@ class TrainConfig:
     limit: int | None = None  # first N rows only
     fraction: float | None = None  # random share of rows (calibration's warm-up slice)
     batching: str = "auto"  # packed (plain SFT: one row per micro-batch, no padding), padded, or auto (packed where it applies)
+    span: str = "auto"  # trained reply tokens: slot ({content}<|im_end|>\n, the EKSFT/Q-Tuning forks'), content_eot, or
+    # auto: slot for --method eksft|qtuning (their reference trains it), content_eot for plain SFT
     precision: str = "auto"  # autocast: auto = bfloat16 where native (GPUs, CPUs with AVX-512 BF16 or AMX), else float32
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -102,6 +104,8 @@ class TrainConfig:
                              "micro-batches: use --batching padded or auto")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.span not in SPANS:
+            raise ValueError(f"unknown span {self.span!r}; choose one of {', '.join(SPANS)}")
         for name in ("eksft_ratio", "r_sample", "r_token", "smoothing", "warmup_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -262,7 +266,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> tuple[Any, Any, dict
     table = read_table(config.data, split=config.split, stage=config.stage, limit=config.limit)
     if config.fraction is not None:
         table = sample_fraction(table, config.fraction, seed=config.seed)
-    examples, load_report = load_examples(table, tokenizer, max_len=config.max_len, source=config.data)
+    examples, load_report = load_examples(table, tokenizer, max_len=config.max_len, source=config.data,
+                                          span=_resolved_span(config))
     steps = batches(examples, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel per parameter instead of a dozen (the per-tensor loop is torch's default on a CPU); on the
@@ -432,3 +437,11 @@ def run_calibrate(config: TrainConfig, *, progress: bool = True) -> dict[str, An
         write_run_files(out, config, summary)
         record.counts = _counts(summary)
     return summary | {"saved": str(Path(config.out))}
+
+
+def _resolved_span(config: TrainConfig) -> str:
+    """``auto``: the reply slot for the online methods (their reference forks train it), the reply and its
+    end-of-turn token for plain SFT."""
+    if config.span != "auto":
+        return config.span
+    return "content_eot" if config.method == "sft" else "slot"

@@ -43,8 +43,10 @@ def _pair_rows(ws: Workspace, pair_key: str) -> dict[str, dict]:
     return {r[0]: {"n_tokens": r[1], "kl": r[2], "log_ratio": r[3]} for r in rows}
 
 
-def _latest_pair_key(ws: Workspace) -> str:
-    return connect(ws).execute("select pair_key from pair_scores group by pair_key order by min(rowid) desc limit 1").fetchone()[0]
+def _only_pair_key(ws: Workspace) -> str:
+    keys = connect(ws).execute("select distinct pair_key from pair_scores").fetchall()
+    assert len(keys) == 1, keys
+    return keys[0][0]
 
 
 def test_a_served_pair_gives_the_in_process_pair_rows_and_the_same_instructdiff(
@@ -88,7 +90,7 @@ def test_two_logprob_servers_give_the_log_ratio_without_kl(served_smollm2: str, 
     twice) and no KL, which the KL recipes refuse."""
     assert main(["score", "-w", str(fresh.root), "--pair-endpoints", served_smollm2, served_smollm2, "--where", SUBSET,
                  "--quiet"]) == 0
-    rows = _pair_rows(fresh, _latest_pair_key(fresh))
+    rows = _pair_rows(fresh, _only_pair_key(fresh))
     assert len(rows) == 8
     for row in rows.values():
         assert all(v is None or np.isnan(v) for v in row["kl"])

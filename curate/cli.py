@@ -119,7 +119,6 @@ def _verb(verbs: argparse._SubParsersAction, name: str, summary: str, example: s
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
-
     parser.add_argument("--engine", choices=ENGINES, default="vllm", help="vllm (production) or transformers (reference)")
     _dtype_arg(parser, DEFAULT_DTYPE, "model and head precision")
 
@@ -145,7 +144,6 @@ def _ray_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _ray_settings(args: argparse.Namespace, opener: dict):
-
     if args.replicas < 1:
         raise ValueError(f"--replicas {args.replicas}: give at least 1")
     return RaySettings(args.ray or None, args.replicas, opener)
@@ -160,7 +158,6 @@ def _endpoint(args: argparse.Namespace, *, url: str | None = None, served_model:
 
 
 def _dtype_arg(parser: argparse.ArgumentParser, default: str, what: str) -> None:
-
     parser.add_argument("--dtype", choices=DTYPES, default=default,
                         help=f"{what} (default {default}: bfloat16 where it is native, i.e. GPUs and CPUs with AVX-512 BF16 "
                              "or AMX, float32 elsewhere, where bf16 is emulated and several times slower; bf16 single tokens "
@@ -225,7 +222,6 @@ def _key_values(pairs: list[str], option: str, shape: str = "NAME=VALUE") -> dic
 
 
 def _run_ingest(args: argparse.Namespace) -> int:
-
     report = ingest(
         args.sources,
         workspace=args.workspace,
@@ -277,7 +273,6 @@ def _run_sql(args: argparse.Namespace) -> int:
 def _print_sql(text: str, args: argparse.Namespace) -> int:
     import duckdb
 
-
     try:
         result = sql.run(text, workspace=args.workspace, output_format=args.output_format, output=args.output, max_rows=args.max_rows)
     except duckdb.Error as err:
@@ -288,7 +283,6 @@ def _print_sql(text: str, args: argparse.Namespace) -> int:
 
 
 def _sql_shell(args: argparse.Namespace) -> int:
-
     tables = ", ".join(args.workspace.tables()) or "none yet"
     print(f"curate sql on {args.workspace.root} (tables: {tables}). End a query with ';'. Ctrl-D quits.")
     buffer: list[str] = []
@@ -437,7 +431,6 @@ def _run_probe(args: argparse.Namespace) -> int:
 
 
 def _add_generate(verbs: argparse._SubParsersAction) -> None:
-
     parser = _verb(
         verbs,
         "generate",
@@ -522,7 +515,6 @@ def _add_select(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_select(args: argparse.Namespace) -> int:
-
     recipe = load_recipe(args.recipe)
     params = _key_values(args.param, "--param")
     report = select(args.workspace, recipe, name=args.name or recipe.name, params=params, dry_run=args.dry_run,
@@ -537,7 +529,6 @@ def _add_recipes(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_recipes(args: argparse.Namespace) -> int:
-
     for path in sorted(RECIPE_DIR.glob("*.sql")):
         recipe = load_recipe(path)
         print(f"{recipe.name}\n  {recipe.description}")
@@ -551,7 +542,6 @@ def _run_recipes(args: argparse.Namespace) -> int:
 
 
 def _add_export(verbs: argparse._SubParsersAction) -> None:
-
     parser = _verb(
         verbs,
         "export",
@@ -570,7 +560,6 @@ def _add_export(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-
     target = export(args.workspace, args.name, args.fmt, out=args.out, model=args.model, drop_masks=args.drop_masks)
     print(f"exported selection {args.name} as {args.fmt} to {target}")
     return 0
@@ -595,7 +584,6 @@ def _add_plot(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-
     score_key = resolve(args.workspace, "score_run", args.score_key, parameter="--score-key") if args.score_key else None
     probe_key = resolve(args.workspace, "probe_run", args.probe_key, parameter="--probe-key") if args.probe_key else None
     with args.workspace.writing():
@@ -626,7 +614,6 @@ def _add_show(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_show(args: argparse.Namespace) -> int:
-
     show(args.workspace, args.example_id, signal=args.signal, selection=args.selection, run=args.run, values=args.values)
     return 0
 
@@ -651,7 +638,6 @@ def _add_report(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-
     print(write_report(args.workspace, args.name, out=args.out, token_examples=args.token_examples))
     return 0
 
@@ -757,7 +743,6 @@ def _add_runs(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_runs(args: argparse.Namespace) -> int:
-
     print(runs_table(args.workspace, stage=args.stage, limit=args.limit))
     return 0
 
@@ -780,7 +765,6 @@ def _add_verify(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-
     if args.repair:
         report = repair(args.workspace)
         print(report.summary())
@@ -814,14 +798,12 @@ def _add_models(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_models_pull(args: argparse.Namespace) -> int:
-
     path = registry.pull(args.alias, force=args.force)
     print(f"{args.alias}: {path}")
     return 0
 
 
 def _run_models_list(args: argparse.Namespace) -> int:
-
     print(f"model cache: {registry.cache_dir()}  (set ${registry.CACHE_ENV} to move it)")
     cached = registry.cached_models()
     for alias, bundled in registry.BUNDLED_MODELS.items():

@@ -163,19 +163,16 @@ def _print_summary(summary: dict) -> None:
 
 
 def _run_sft(args: argparse.Namespace) -> int:
-
     _print_summary(run_sft(_config(args), progress=not args.quiet))
     return 0
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-
     _print_summary(run_calibrate(_config(args), progress=not args.quiet))
     return 0
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-
     metrics = evaluate(args.model, args.data, split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, engine=args.engine,
                        options=engine_options(args))
     text = json.dumps(metrics, indent=2)

@@ -373,7 +373,6 @@ def _run_record(config: TrainConfig, stage: str):
     import contextlib
     from types import SimpleNamespace
 
-
     workspace = find_workspace(config.data)
     if workspace is None:
         return contextlib.nullcontext(SimpleNamespace(counts={}))

@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     size = FULL if args.full else QUICK
 
-
     step = Steps()
     ws = Workspace(args.workspace)
     step("model and data")
@@ -143,7 +142,6 @@ def canaries(ws, base_dir: str, selections: dict, planted: dict[str, str], where
 def summary(ws, base_dir: str, selections: dict, pictures: list[Path], report_path: Path, canary_table: list[str]) -> None:
     """Per selection its rows and the response tokens the trainer trains on it (token masks included)."""
     import pyarrow.parquet as pq
-
 
     counter = TokenCounter(base_dir, TRAINING["max_len"])
     print("\n| selection | rows | stages | response tokens trained |\n|---|---|---|---|")

@@ -110,7 +110,6 @@ def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
 def _roc(probe: dict[str, np.ndarray], path: Path, key: str) -> Path:
     import matplotlib.pyplot as plt
 
-
     confidence = 1.0 - probe["entropy_norm"].astype(float)
     correct = probe["is_correct"].astype(bool)
     fpr, tpr = roc_points(confidence, correct)

@@ -67,7 +67,6 @@ def collect(workspace: Workspace, name: str | None, *, token_examples: int = 100
 
 
 def _selection(workspace: Workspace, con, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-
     table, manifest = read_selection(workspace, name)
     keep = [c for c in table.column_names if c not in ("messages", "input_ids", "loss_mask", "prompt")]
     rows = table.select(keep).to_pylist()
@@ -143,7 +142,6 @@ def _tokens(con, key: str, ids: list[str], workspace: Workspace, name: str) -> d
     token texts they use (a token's text is stored once)."""
     from transformers import AutoTokenizer
 
-
     if not ids:
         return {"vocab": {}, "examples": {}}
     rows = con.execute("""select t.example_id, t.model, t.token_ids, t.logprob, t.entropy, t.is_response, t.top_ids, t.top_logprobs
@@ -191,7 +189,6 @@ def _escape(text: str) -> str:
 
 
 def write_report(workspace: Workspace, name: str | None = None, *, out: str | Path | None = None, token_examples: int = 1000) -> Path:
-
     target = Path(out) if out else workspace.root / "reports" / f"{name or 'workspace'}.html"
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic_text(target, render(collect(workspace, name, token_examples=token_examples)))

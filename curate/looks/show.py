@@ -115,7 +115,6 @@ def _mask(workspace: Workspace, con, selection: str | None, example_id: str, tok
 def _texts(tokens: dict) -> list[str]:
     from transformers import AutoTokenizer
 
-
     tokenizer = AutoTokenizer.from_pretrained(registry.resolve(tokens["model"]))
     return [tokenizer.decode([t]) for t in tokens["token_ids"]]
 

@@ -53,7 +53,6 @@ def pull(alias: str, *, force: bool = False) -> Path:
     Concurrent pulls are safe: they take turns on a lock file, and the second finds the first one's result."""
     import fcntl
 
-
     if alias not in BUNDLED_MODELS:
         raise ModelNotFoundError(f"no bundled model named {alias!r}; bundled: {', '.join(BUNDLED_MODELS)}")
     target = cache_dir() / alias

@@ -278,7 +278,6 @@ def open_served_scorer(endpoint: Any, *, local_model: str | None = None, signals
 
     from transformers import AutoTokenizer
 
-
     if signals not in SERVED_SIGNALS:
         raise ValueError(f"--served-signals {signals!r}: choose one of {', '.join(SERVED_SIGNALS)}")
     info = describe(endpoint)
@@ -307,7 +306,6 @@ def open_served_scorer(endpoint: Any, *, local_model: str | None = None, signals
 def open_scorer(model: str, *, engine: str = "vllm", dtype: str = DEFAULT_DTYPE, top_k: int = 5, max_len: int | None = None,
                 overlong: str = "skip", options: EngineOptions | None = None, together: int = 1, prompt_format: str = "chat") -> Scorer:
     from transformers import AutoTokenizer
-
 
     _check_formats(overlong, prompt_format)
     options = options or EngineOptions()

@@ -148,7 +148,6 @@ def open_served_teacher(endpoint: Any) -> ServedTeacher:
 
     from transformers import AutoTokenizer
 
-
     info = describe(endpoint)
     root = info.get("root")
     tokenizer = AutoTokenizer.from_pretrained(root) if root and (Path(root) / "tokenizer_config.json").is_file() else None
@@ -157,7 +156,6 @@ def open_served_teacher(endpoint: Any) -> ServedTeacher:
 
 def open_teacher(model: str, *, dtype: str = "auto", max_len: int | None = None, options: EngineOptions | None = None) -> Teacher:
     import vllm
-
 
     model_dir = resolve(model)
     resolved = resolve_precision(dtype)

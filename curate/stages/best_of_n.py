@@ -92,7 +92,6 @@ def _student_scores(con, gen_key: str, student: "Scorer", batch: int = 64) -> pa
     """Mean log-prob of each trace's response tokens under the student (example messages, trace as answer)."""
     import torch
 
-
     query = """
         select traces.trace_id, traces.text, examples.messages
         from traces join examples using (example_id)

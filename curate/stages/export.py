@@ -159,7 +159,6 @@ def dataset_card(con: Any, workspace: Workspace, name: str, fmt: str, manifest: 
     trainer reads their columns."""
     import yaml
 
-
     ids = [r["example_id"] for r in rows]
     sources = sorted({s for (s,) in con.execute(
         "select distinct json_extract_string(meta, '$.origin.file') from examples where list_contains(?, example_id)", [ids]).fetchall() if s})
@@ -207,7 +206,6 @@ def dataset_card(con: Any, workspace: Workspace, name: str, fmt: str, manifest: 
 
 def _tokenizer(model: str | None, manifest: dict[str, Any], name: str) -> Any:
     from transformers import AutoTokenizer
-
 
     if model is None:
         raise ValueError("tokenized formats need the model's tokenizer: pass --model M (the model the scores came from)")

@@ -98,7 +98,6 @@ def example_batches(workspace: Workspace, predicate: str | None, shard_size: int
     import pyarrow as pa
     import pyarrow.compute as pc
 
-
     reader = (connection or connect(workspace)).sql(examples_query(predicate, columns)).to_arrow_reader(shard_size)
     for batch in reader:
         if skip:

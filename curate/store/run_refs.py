@@ -111,7 +111,6 @@ def _spellings(names: tuple[str, ...]) -> set[str]:
 
 
 def _names(model: dict[str, Any]) -> tuple[str, ...]:
-
     return tuple(model_names(model["model"], model.get("path")))
 
 

@@ -156,7 +156,6 @@ def verify(workspace: Workspace, *, clean: bool = False) -> VerifyReport:
     """Check every table; with ``clean``, remove stale temporaries (only when nobody is writing)."""
     import pyarrow.parquet as pq
 
-
     if not workspace.root.is_dir():
         raise FileNotFoundError(f"workspace {workspace.root} does not exist")
     report = VerifyReport()

@@ -32,12 +32,10 @@ class TokenCounter:
     """Trained tokens of a selection's rows, counted by the trainer's own loader (masks, max length)."""
 
     def __init__(self, model: str, max_len: int) -> None:
-
         self.tokenizer = load_tokenizer(resolve_model(model))
         self.max_len = max_len
 
     def per_row(self, table) -> dict[str, int]:
-
         if table.num_rows == 0:
             return {}
         examples, _ = load_examples(table, self.tokenizer, max_len=self.max_len, source="study")

@@ -114,7 +114,6 @@ def prepare(workspace: Workspace, spec: StudySpec, folder: Path, *, progress: bo
 
 
 def resolve_model(model: str) -> str:
-
     return resolve(model)
 
 
@@ -126,7 +125,6 @@ def pool_table(workspace: Workspace, predicate: str, folder: Path) -> Path:
 def examples_table(workspace: Workspace, predicate: str, folder: Path) -> Path:
     """The examples a predicate picks, as one Parquet part in ``folder`` (a table of the workspace)."""
     import pyarrow.parquet as pq
-
 
     table = connect(workspace).sql(f"select * from examples where {example_predicate(workspace, predicate)} order by example_id").to_arrow_table()
     folder.mkdir(parents=True, exist_ok=True)

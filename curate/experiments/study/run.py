@@ -73,7 +73,6 @@ def train_and_evaluate(spec: StudySpec, selection: Path, out: Path, heldout: Pat
     row's fields, and the per-example values."""
     import pyarrow.parquet as pq
 
-
     started = time.perf_counter()
     base = resolve_model(spec.model)
     part = selection / "part-0.parquet"
@@ -103,7 +102,6 @@ def run_study(workspace: Workspace, spec: StudySpec, *, progress: bool = True, t
     and their canary report (``canaries.md``), and trains and evaluates nothing."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
 
     folder = workspace.root / "studies" / spec.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -197,7 +195,6 @@ def canary_table(workspace: Workspace, results: list[dict], planted: dict[str, s
 def selection_canaries(workspace: Workspace, label: str, selections: list[str], planted: dict[str, str], counter: TokenCounter) -> Canaries:
     """The planted rows and trained tokens of selections (by name), pooled under one label."""
     import pyarrow.parquet as pq
-
 
     counts = []
     for name in selections:

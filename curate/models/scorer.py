@@ -94,10 +94,6 @@ class Scorer:
     def close(self) -> None:
         self.engine.close()
 
-    def card(self) -> ScorerCard:
-        engine = EngineCard(self.engine.max_len, self.engine.name, self.engine.version, self.engine.dtype)
-        return ScorerCard(self.identity, self.spec, self.key, engine, self.prompt_format, self.options)
-
 
 @dataclass
 class EngineCard:

@@ -39,9 +39,6 @@ class Teacher:
         close_llm(self.llm)
         self.llm = None
 
-    def card(self) -> "TeacherCard":
-        return TeacherCard(self.identity, self.version, self.max_len, self.options)
-
     def complete(self, requests: list[Any], sampling: "Sampling") -> list["Completion"]:
         """Generate for each request through the in-process engine (one vLLM call for the batch)."""
         from vllm import SamplingParams

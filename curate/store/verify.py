@@ -154,8 +154,6 @@ def check_tables(workspace: Workspace, tables: list[str]) -> None:
 
 def verify(workspace: Workspace, *, clean: bool = False) -> VerifyReport:
     """Check every table; with ``clean``, remove stale temporaries (only when nobody is writing)."""
-    import pyarrow.parquet as pq
-
     if not workspace.root.is_dir():
         raise FileNotFoundError(f"workspace {workspace.root} does not exist")
     report = VerifyReport()

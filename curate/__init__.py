@@ -8,7 +8,7 @@ Layers, each a folder, each importing only the ones below it (``tests/test_layer
 - ``stages/``: one module per pipeline verb, on one stage runner (``stages/runner.py``);
 - ``looks/``: read-only views (show, report, plot);
 - ``experiments/``: the study, InstructDiff's iterations, the demo: the only part that imports ``train``;
-- ``cli.py``: the ``curate`` command, a thin shell over the functions above.
+- ``cli/``: the ``curate`` command, a thin shell over the functions above (one module per group of verbs).
 
 Importing this package is cheap: torch, transformers and vllm are imported only by the functions that use them.
 """

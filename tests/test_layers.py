@@ -21,7 +21,7 @@ ALLOWED = {
     "stages": {"stages", "store", "models", "kernel"},
     "looks": {"looks", "stages", "store", "models", "kernel"},
     "experiments": {"experiments", "looks", "stages", "store", "models", "kernel", "train"},
-    "cli": {"experiments", "looks", "stages", "store", "models", "kernel", "train", "root"},
+    "cli": {"cli", "experiments", "looks", "stages", "store", "models", "kernel", "train", "root"},
     "root": set(),
     "train": {"train", "kernel"},
 }

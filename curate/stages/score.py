@@ -19,7 +19,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from curate.kernel.chat_tokens import (
@@ -46,13 +45,7 @@ from curate.store.examples import (
     done_ids,
     example_predicate,
 )
-from curate.store.score_tables import (
-    list_column,
-    rebuild_sample_scores,
-    scored_column,
-    table_from_columns,
-    top_column,
-)
+from curate.store.score_tables import pair_scores_table, rebuild_sample_scores, token_scores_table
 from curate.store.workspace import Workspace
 
 CHAT, RESPONSE_ONLY = "chat", "response_only"
@@ -390,51 +383,15 @@ def _signals(scorer: Scorer, hidden: Any, tokens: ChatTokens) -> Any:
 
 
 def _token_table(scorer: Scorer, items: list[tuple[Prepared, Any]], variant: str) -> pa.Table:
-    prepared = [p for p, _ in items]
-    signals = [s for _, s in items]
-    tokens = [p.chat if variant == CHAT else p.response_only for p in prepared]
-    n = len(prepared)
     identity = scorer.identity
-    columns = {
-        "example_id": [p.example_id for p in prepared],
-        "score_key": [scorer.key] * n,
-        "variant": [variant] * n,
-        "model": [scorer.model] * n,
-        "model_hash": [identity.fingerprint] * n,
-        "dtype": [identity.dtype] * n,
-        "engine": [scorer.engine.name] * n,
-        "engine_version": [scorer.engine.version] * n,
-        "template_hash": [template_hash(scorer.tokenizer)] * n,
-        "top_k": [scorer.top_k] * n,
-        "n_tokens": [len(t) for t in tokens],  # type: ignore[arg-type]
-        "truncated": [p.truncated for p in prepared],
-        "token_ids": list_column([np.asarray(t.token_ids) for t in tokens], pa.int32()),  # type: ignore[union-attr]
-        "message_index": list_column([np.asarray(t.message_index) for t in tokens], pa.int16()),  # type: ignore[union-attr]
-        "role": pa.array([t.role for t in tokens], type=pa.list_(pa.string())),  # type: ignore[union-attr]
-        "is_response": list_column([np.asarray(t.is_response, dtype=bool) for t in tokens], pa.bool_()),  # type: ignore[union-attr]
-        "is_end_of_turn": list_column([np.asarray(t.is_end_of_turn, dtype=bool) for t in tokens], pa.bool_()),  # type: ignore[union-attr]
-        "logprob": scored_column([s.logprob.numpy() for s in signals], pa.float32()),
-        "entropy": scored_column([s.entropy.numpy() if s.entropy is not None else np.full(len(s.logprob), np.nan) for s in signals],
-                                 pa.float32()),
-        "signals": [scorer.spec.signals] * n,
-        "top_ids": top_column([s.top_ids.numpy() for s in signals], pa.int32()),
-        "top_logprobs": top_column([s.top_logprobs.numpy() for s in signals], pa.float32()),
-    }
-    return table_from_columns(columns, schema.TOKEN_SCORES)
+    run = {"score_key": scorer.key, "variant": variant, "model": scorer.model, "model_hash": identity.fingerprint,
+           "dtype": identity.dtype, "engine": scorer.engine.name, "engine_version": scorer.engine.version,
+           "template_hash": template_hash(scorer.tokenizer), "top_k": scorer.top_k, "signals": scorer.spec.signals}
+    prepared = [p for p, _ in items]
+    return token_scores_table(run, [p.example_id for p in prepared], [p.chat if variant == CHAT else p.response_only for p in prepared],
+                              [p.truncated for p in prepared], [s for _, s in items])
 
 
 def _pair_table(base: Scorer, calibrated: Scorer, key: str, items: list[tuple[Prepared, Any]]) -> pa.Table:
-    prepared = [p for p, _ in items]
-    signals = [s for _, s in items]
-    n = len(prepared)
-    columns = {
-        "example_id": [p.example_id for p in prepared],
-        "pair_key": [key] * n,
-        "base_key": [base.key] * n,
-        "calibrated_key": [calibrated.key] * n,
-        "n_tokens": [len(p.chat) for p in prepared],
-        "is_response": list_column([np.asarray(p.chat.is_response, dtype=bool) for p in prepared], pa.bool_()),
-        "kl": scored_column([s.kl.numpy() for s in signals], pa.float32()),
-        "log_ratio": scored_column([s.log_ratio.numpy() for s in signals], pa.float32()),
-    }
-    return table_from_columns(columns, schema.PAIR_SCORES)
+    keys = {"pair_key": key, "base_key": base.key, "calibrated_key": calibrated.key}
+    return pair_scores_table(keys, [p.example_id for p, _ in items], [p.chat for p, _ in items], [s for _, s in items])

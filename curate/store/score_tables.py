@@ -1,5 +1,5 @@
-"""Arrow tables for scores, built from numpy arrays with offsets (no per-token Python objects), and the SQL
-that rebuilds ``sample_scores`` from ``token_scores``."""
+"""Arrow tables for scores (``token_scores``, ``pair_scores``), built from numpy arrays with offsets (no
+per-token Python objects), and the SQL that rebuilds ``sample_scores`` from ``token_scores``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
+from curate.kernel.chat_tokens import ChatTokens
 from curate.store import schema
 from curate.store.sql import connect
 from curate.store.workspace import PART_SUFFIX, Workspace, write_atomic_parquet
@@ -113,6 +114,47 @@ final as (
 
 select * from final order by example_id
 """
+
+
+def token_scores_table(run: dict[str, Any], example_ids: Sequence[str], tokens: Sequence[ChatTokens], truncated: Sequence[bool],
+                       signals: Sequence[Any]) -> pa.Table:
+    """``token_scores`` rows: ``run`` holds the columns every row of one scoring run shares (score_key, variant,
+    model, model_hash, dtype, engine, engine_version, template_hash, top_k, signals); each row its example's
+    tokens and their signals (``logprob``, ``entropy`` (None: the run has none), ``top_ids``, ``top_logprobs``:
+    one value per token after the first)."""
+    n = len(example_ids)
+    columns = {name: [value] * n for name, value in run.items()}
+    columns |= {
+        "example_id": list(example_ids),
+        "n_tokens": [len(t) for t in tokens],
+        "truncated": list(truncated),
+        "token_ids": list_column([np.asarray(t.token_ids) for t in tokens], pa.int32()),
+        "message_index": list_column([np.asarray(t.message_index) for t in tokens], pa.int16()),
+        "role": pa.array([t.role for t in tokens], type=pa.list_(pa.string())),
+        "is_response": list_column([np.asarray(t.is_response, dtype=bool) for t in tokens], pa.bool_()),
+        "is_end_of_turn": list_column([np.asarray(t.is_end_of_turn, dtype=bool) for t in tokens], pa.bool_()),
+        "logprob": scored_column([s.logprob.numpy() for s in signals], pa.float32()),
+        "entropy": scored_column([s.entropy.numpy() if s.entropy is not None else np.full(len(s.logprob), np.nan) for s in signals],
+                                 pa.float32()),
+        "top_ids": top_column([s.top_ids.numpy() for s in signals], pa.int32()),
+        "top_logprobs": top_column([s.top_logprobs.numpy() for s in signals], pa.float32()),
+    }
+    return table_from_columns(columns, schema.TOKEN_SCORES)
+
+
+def pair_scores_table(keys: dict[str, str], example_ids: Sequence[str], tokens: Sequence[ChatTokens], signals: Sequence[Any]) -> pa.Table:
+    """``pair_scores`` rows: ``keys`` the pair's pair_key, base_key and calibrated_key; each row its example's
+    tokens and their ``kl`` and ``log_ratio`` (one value per token after the first)."""
+    n = len(example_ids)
+    columns = {name: [value] * n for name, value in keys.items()}
+    columns |= {
+        "example_id": list(example_ids),
+        "n_tokens": [len(t) for t in tokens],
+        "is_response": list_column([np.asarray(t.is_response, dtype=bool) for t in tokens], pa.bool_()),
+        "kl": scored_column([s.kl.numpy() for s in signals], pa.float32()),
+        "log_ratio": scored_column([s.log_ratio.numpy() for s in signals], pa.float32()),
+    }
+    return table_from_columns(columns, schema.PAIR_SCORES)
 
 
 def rebuild_sample_scores(workspace: Workspace, score_key: str, *, connection: Any = None) -> int:

@@ -257,7 +257,8 @@ def train_run(model_dir: Path, chats: list, *, lora_r: int, steps: int, batch: i
     import torch
 
     from curate.kernel.machine import resolve_precision
-    from train.sft import TrainConfig, train
+    from train.config import TrainConfig
+    from train.sft import train
 
     data = data_dir / "chats.parquet"
     if not data.is_file():

@@ -104,12 +104,13 @@ def run(data: Path, model_dir: str, *, lora_r: int, batching: str | None, batch_
     import torch
 
     import train.sft as sft
+    from train.config import TrainConfig
 
     options = {"data": str(data), "model": model_dir, "out": "unused", "lora_r": lora_r, "lr": 1e-4, "batch_size": batch_size,
                "max_len": max_len, "max_steps": steps, "seed": 0}
     if batching is not None:
         options["batching"] = batching
-    config = sft.TrainConfig(**options)
+    config = TrainConfig(**options)
     clock: list[tuple[float, float]] = []  # (wall, CPU) after every optimizer step, old trainer or new
     real_step = torch.optim.AdamW.step
 
@@ -162,7 +163,7 @@ def main() -> None:
 
     from curate.kernel.machine import describe, resolve_precision
     from curate.models.registry import pull
-    from train.sft import TrainConfig
+    from train.config import TrainConfig
 
     model_dir = str(pull("smollm2"))
     precision = resolve_precision("auto")

@@ -15,7 +15,8 @@ from curate.kernel.chat_tokens import tokenize_chat
 from train.data import DataError, load_examples, read_table
 from train.objectives import token_stats
 from train.packing import head_only_at, pack, packed_attention, packed_nll, packed_sft_objective
-from train.sft import TrainConfig, collate, load_model, run_calibrate, run_sft, train
+from train.config import TrainConfig
+from train.sft import collate, load_model, run_calibrate, run_sft, train
 
 GOLDEN = REPO / "tests" / "golden" / "tiny_sft_first_losses.json"
 
@@ -160,7 +161,7 @@ def test_online_methods_log_what_they_keep(method: str, chats_parquet: Path, tin
 
 
 def test_a_preset_fills_in_what_is_not_given_and_explicit_options_win(tmp_path: Path) -> None:
-    from train.sft import configure
+    from train.config import configure
 
     config = configure({"data": "d", "model": "m", "out": "o", "lr": 1e-4, "batch_size": None}, preset="instructdiff-math")
     assert (config.lora_r, config.lr, config.epochs, config.scheduler, config.warmup_ratio, config.weight_decay) == (0, 1e-4, 3, "cosine", 0.05, 0.01)

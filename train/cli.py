@@ -23,16 +23,8 @@ from train.objectives import (
     QTUNING_NORMALISE,
     QTUNING_SEARCH,
 )
-from train.sft import (
-    BATCHINGS,
-    METHODS,
-    PRESETS,
-    SCHEDULERS,
-    TrainConfig,
-    configure,
-    run_calibrate,
-    run_sft,
-)
+from train.config import BATCHINGS, METHODS, PRESETS, SCHEDULERS, TrainConfig, configure
+from train.sft import run_calibrate, run_sft
 
 DESCRIPTION = """\
 Fine-tune on curated Parquet (any tool's: needs a 'messages' column; honours 'loss_mask', 'input_ids',

@@ -40,7 +40,8 @@ from curate.stages.recipes import load_recipe
 from curate.stages.select import choose, select
 from curate.store.sql import connect
 from curate.store.workspace import Workspace
-from train.sft import TrainConfig, run_calibrate
+from train.config import TrainConfig
+from train.sft import run_calibrate
 
 QUICK = {"where": "split = 'pool' and example_id >= 'f0'", "heldout": 30, "trace_tokens": 200}  # 92 problems, 115 with canaries
 FULL = {"where": "split = 'pool'", "heldout": 357, "trace_tokens": 512}

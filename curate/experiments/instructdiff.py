@@ -20,7 +20,8 @@ from curate.stages.pipeline import held, run_score
 from curate.stages.recipes import load_recipe
 from curate.stages.select import select
 from curate.store.workspace import Workspace
-from train.sft import configure, run_calibrate
+from train.config import configure
+from train.sft import run_calibrate
 
 WARMUP_SEED = 42  # the reference's warm-up slice
 

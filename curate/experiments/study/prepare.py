@@ -18,7 +18,8 @@ from curate.stages.select import select
 from curate.store.examples import example_predicate
 from curate.store.sql import connect
 from curate.store.workspace import Workspace
-from train.sft import configure, run_calibrate
+from train.config import configure
+from train.sft import run_calibrate
 
 
 @dataclass

@@ -52,7 +52,8 @@ from curate.stages.select import choose, read_manifest, select
 from curate.store.sql import connect
 from curate.store.workspace import Workspace
 from train.evaluate import evaluate_examples
-from train.sft import configure, run_sft
+from train.config import configure
+from train.sft import run_sft
 
 RESULTS_FILE = "results.parquet"
 HELDOUT_FILE = "heldout.parquet"  # per held-out example, per arm x seed: answer NLL and correctness

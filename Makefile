@@ -51,14 +51,18 @@ endif
 demo: install
 	$(BIN)/python -m curate.experiments.demo --workspace $(DEMO_WORKSPACE) $(if $(FULL),--full)
 
-# one vLLM server, one Ray cluster and one float32 SmolLM2 pooling engine per session (tests/conftest.py);
-# --durations names the slowest tests of every run, so a slower suite shows where the time went
+# Two pytest workers (TEST_WORKERS; 0: one process): a module is one unit of work, the longest first
+# (tests/conftest.py), so one `vllm serve`, one pooling server and one Ray cluster start per run; --durations
+# names the slowest tests of every run, so a slower suite shows where the time went.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 test: install
-	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m curate.cli models pull smollm2 >/dev/null
+	$(BIN)/python -m pytest -q $(XDIST) --durations=15 $(PYTEST_ARGS)
 
 # no real model, no engine start-up, no subprocess crash tests: under 2 minutes
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not model and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) -m "not model and not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache $(DEMO_WORKSPACE) .pytest_cache

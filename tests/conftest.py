@@ -14,6 +14,19 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("CURATE_MODELS", str(REPO / ".cache" / "models"))
 
 
+# ---- two workers (make test: pytest -n 2 --dist loadfile) -----------------------------------------------------
+# A module is one unit of work, so its module-scoped engines open once and the session's servers start in one
+# worker (the tests that use them live in test_served.py). Modules run longest first (as measured by
+# --durations on a 2-core AMD EPYC), so the run does not end on one long module while the other worker idles.
+LONGEST_FIRST = ["test_served.py", "test_score_real.py", "test_ray.py", "test_crash.py", "test_generate.py", "test_loaders.py",
+                 "test_study.py", "test_quiet.py", "test_serve.py", "test_wheel.py", "test_methods.py", "test_train.py"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
+
+
 def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
     """Rows may be dicts (dumped as JSON) or raw strings/bytes (written as they are, for bad-input tests)."""
     with open(path, "wb") as handle:
@@ -153,15 +166,20 @@ def smollm2_tokenizer_dir() -> Path:
     converted = registry.cache_dir() / "smollm2"
     if (converted / "tokenizer.json").is_file():
         return converted
+    import fcntl
+
     kept = REPO / ".cache" / "tokenizers" / "smollm2"
-    if not (kept / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    with open(kept.parent / ".smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other test worker, on a fresh clone, waits for the first one's copy
+        if not (kept / "tokenizer.json").is_file():
+            from transformers import AutoTokenizer
 
-        from curate.models.bundled import smollm2_gguf
+            from curate.models.bundled import smollm2_gguf
 
-        gguf = smollm2_gguf()
-        with staged_directory(kept) as staging:
-            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
+            gguf = smollm2_gguf()
+            with staged_directory(kept) as staging:
+                AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
     return kept
 
 
@@ -219,6 +237,17 @@ def served_smollm2(smollm2_dir: Path):
     from curate.models.served import local_server
 
     with local_server(smollm2_dir, name="smollm2") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def served_smollm2_pooling(smollm2_dir: Path):
+    """A real `vllm serve --runner pooling` of the bundled SmolLM2 (float32), started once for the tests that
+    need hidden states over HTTP; its URL (served model name: smollm2)."""
+    pytest.importorskip("vllm")
+    from curate.models.served import POOLING_ARGS, local_server
+
+    with local_server(smollm2_dir, *POOLING_ARGS, name="smollm2") as url:
         yield url
 
 

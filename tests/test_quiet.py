@@ -108,6 +108,7 @@ def test_a_score_run_prints_no_vllm_info_unless_verbose(fresh: Workspace, tiny_m
     assert not VLLM_LINE.search(quiet.stdout), quiet.stdout  # stdout: the results only
     assert "Loading safetensors checkpoint shards" not in quiet.stderr and "FutureWarning" not in quiet.stderr
     assert [line.split()[0] for line in quiet.stdout.splitlines()][:2] == ["score", "examples"]
+    assert not [a for a in logs.VLLM_ADVICE if a in quiet.stderr], quiet.stderr  # advice for setups curate does not use
 
     other = Workspace(tmp_path / "verbose")
     other.root.mkdir()
@@ -115,5 +116,6 @@ def test_a_score_run_prints_no_vllm_info_unless_verbose(fresh: Workspace, tiny_m
     verbose = _score(other, tiny_model_dir, "--verbose")
     loud = [m.group(1) for m in VLLM_LINE.finditer(verbose.stderr)]
     assert loud.count("INFO") >= 10, verbose.stderr[-3000:]
+    assert [a for a in logs.VLLM_ADVICE if a in verbose.stderr], verbose.stderr[-3000:]  # --verbose: vLLM's advice too
     assert not VLLM_LINE.search(verbose.stdout)
     print(f"vLLM lines: quiet {len(levels)} (all WARNING or above), --verbose {len(loud)} ({loud.count('INFO')} INFO)")

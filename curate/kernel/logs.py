@@ -22,6 +22,12 @@ import warnings
 
 ENV = "CURATE_LOG"
 LEVELS = ("warning", "info", "debug")  # warning: the default
+# vLLM warnings that are advice about setups curate does not use (an engine in this process, eager mode, no
+# Triton, no tcmalloc) or internals, repeated for every engine (a study printed 73 such lines): dropped at the
+# default level, shown with --verbose
+VLLM_ADVICE = ("doesn't allow to use `torch.set_num_threads`", "is not found in LD_PRELOAD", "The global random seed is set to",
+               "Unknown vLLM environment variable detected", "is already registered. Overwriting", "Triton is not installed",
+               "Model Runner V2 requires Triton", "Enforce eager set", "Inductor compilation was disabled")
 
 
 def level() -> str:
@@ -73,3 +79,24 @@ def quiet_libraries() -> None:
     if chosen >= logging.WARNING:
         # deprecations vLLM triggers in torch (torch.distributed.reduce_op), attributed to vLLM's modules
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm(\.|$)")
+
+
+class _DropAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(advice in message for advice in VLLM_ADVICE)
+
+
+def quiet_vllm_advice() -> None:
+    """At the default level, drop the VLLM_ADVICE lines from vLLM's own handlers: call it before opening an
+    engine. vLLM sets its handlers up when an engine is first made (with its default logging config); this sets
+    them up the same way first, so the engine finds them in place and keeps them (and the filter on them)."""
+    if verbose():
+        return
+    from vllm.config.logging import LoggingConfig
+    from vllm.logger import configure_logging_if_needed
+
+    configure_logging_if_needed(LoggingConfig())
+    for handler in logging.getLogger("vllm").handlers:
+        if not any(isinstance(f, _DropAdvice) for f in handler.filters):
+            handler.addFilter(_DropAdvice())

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from curate.kernel.logs import quiet_libraries, verbose
+from curate.kernel.logs import quiet_libraries, quiet_vllm_advice, verbose
 from curate.kernel.machine import device
 
 GPU_SHARE = 0.85  # what one engine alone claims of a GPU
@@ -111,6 +111,7 @@ def open_llm(model_dir: str, *, dtype: str, max_len: int, options: EngineOptions
     vLLM speaks at curate's log level (WARNING unless ``--verbose``: curate.kernel.logs), its weight-loading
     bar only when verbose."""
     quiet_libraries()  # before vLLM's first import where this is it; its logger's level where it was imported already
+    quiet_vllm_advice()
     from vllm import LLM
 
     options = options or EngineOptions()

@@ -57,7 +57,6 @@ demo: install
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 test: install
-	$(BIN)/python -m curate.cli models pull smollm2 >/dev/null
 	$(BIN)/python -m pytest -q $(XDIST) --durations=15 $(PYTEST_ARGS)
 
 # no real model, no engine start-up, no subprocess crash tests: under 2 minutes

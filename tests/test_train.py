@@ -339,3 +339,11 @@ def test_the_online_methods_train_the_forks_reply_slot_and_plain_sft_the_reply_a
     assert [_resolved_span(TrainConfig(data="d", model="m", out="o", method=m)) for m in ("sft", "eksft", "qtuning")] == \
         ["content_eot", "slot", "slot"]
     assert _resolved_span(TrainConfig(data="d", model="m", out="o", method="eksft", span="content_eot")) == "content_eot"
+
+
+def test_a_model_that_is_no_folder_and_not_on_the_hub_is_named_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from train.sft import load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network wait: the hub lookup fails at once
+    with pytest.raises(ValueError, match=r"--model smollm2-typo: no such folder.*curate models pull smollm2-typo"):
+        load_tokenizer("smollm2-typo")

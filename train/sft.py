@@ -45,10 +45,18 @@ from train.objectives import (
 )
 
 def load_tokenizer(model: str) -> Any:
-    """The model's tokenizer, padding with end-of-sequence when it names no pad token."""
+    """The model's tokenizer, padding with end-of-sequence when it names no pad token. A model that is neither
+    a folder here nor found on the hub is an error that says what ``--model`` takes."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except OSError as err:
+        if Path(model).is_dir():
+            raise
+        raise ValueError(f"--model {model}: no such folder, and the hub has no such model (or cannot be reached: {str(err).splitlines()[0]}). "
+                         "train takes a checkpoint folder or a hub id; for curate's bundled model, `curate models pull "
+                         f"{model}` prints its folder") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

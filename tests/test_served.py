@@ -27,11 +27,13 @@ import pytest
 
 from conftest import REPO, free_port
 from curate.cli import main
-from curate.models.scorer import open_scorer
-from curate.models.served import POOLING_ARGS, local_server
+from curate.models.scorer import open_scorer, open_served_scorer
+from curate.models.served import POOLING_ARGS, Endpoint, local_server
+from curate.models.teacher import Sampling, open_served_teacher
+from curate.stages.generate import generate
 from curate.stages.recipes import load_recipe
-from curate.stages.score import score_pair
-from curate.stages.select import select
+from curate.stages.score import score, score_pair
+from curate.stages.select import bind, select
 from curate.store.sql import connect
 from curate.store.workspace import Workspace
 
@@ -129,9 +131,6 @@ def same_examples(ws: Workspace, served_key: str, exact_key: str) -> list[tuple[
 
 
 def test_greedy_traces_through_the_endpoint_equal_the_in_process_ones(server: str, fresh: Workspace, teacher) -> None:
-    from curate.models.teacher import Sampling, open_served_teacher
-    from curate.stages.generate import generate
-    from curate.models.served import Endpoint
 
     served = open_served_teacher(Endpoint(server, "smollm2"))
     assert served.identity.info["root"] and served.max_len == 2048
@@ -148,11 +147,6 @@ def test_greedy_traces_through_the_endpoint_equal_the_in_process_ones(server: st
 
 
 def test_scoring_through_the_endpoint_gives_the_exact_log_probs(server: str, fresh: Workspace, vllm_scorer) -> None:
-    from curate.stages.recipes import load_recipe
-    from curate.models.scorer import open_served_scorer
-    from curate.stages.score import score
-    from curate.stages.select import select
-    from curate.models.served import Endpoint
 
     served = open_served_scorer(Endpoint(server, "smollm2"), top_k=5)
     score(fresh, served, where=SUBSET, progress=False)
@@ -171,11 +165,6 @@ def test_scoring_through_the_endpoint_gives_the_exact_log_probs(server: str, fre
 def test_a_pooling_server_gives_the_exact_signals_of_an_in_process_run(served_smollm2_pooling: str, fresh: Workspace,
                                                                        vllm_scorer) -> None:
     """Hidden states over HTTP (/pooling, token_embed, float32 in base64) through our head: the in-process numbers."""
-    from curate.stages.recipes import load_recipe
-    from curate.models.scorer import open_served_scorer
-    from curate.stages.score import score
-    from curate.stages.select import bind
-    from curate.models.served import Endpoint
 
     served = open_served_scorer(Endpoint(served_smollm2_pooling, "smollm2"), signals="exact", top_k=5)
     score(fresh, served, where=SUBSET, progress=False)

@@ -27,7 +27,8 @@ ENGINES = ("auto", "vllm", "transformers")
 
 
 def load_for_eval(model: str) -> tuple[Any, Any]:
-    return load_checkpoint(model).to(device()).eval(), load_tokenizer(model)
+    tokenizer = load_tokenizer(model)  # first: a model that is not there is named with the fix (train.sft.load_tokenizer)
+    return load_checkpoint(model).to(device()).eval(), tokenizer
 
 
 def answer_nll(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *, max_len: int) -> list[float]:

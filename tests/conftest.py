@@ -18,6 +18,13 @@ os.environ.setdefault("CURATE_MODELS", str(REPO / ".cache" / "models"))
 # A module is one unit of work, so its module-scoped engines open once and the session's servers start in one
 # worker (the tests that use them live in test_served.py). Modules run longest first (as measured by
 # --durations on a 2-core AMD EPYC), so the run does not end on one long module while the other worker idles.
+#
+# Each worker's torch (and every command a test starts, which inherits this environment) gets its share of the
+# cores: two workers at torch's default of one thread per core oversubscribe two cores, and OpenMP's spinning
+# threads then slow both (measured on a 2-core AMD EPYC, two transformers scorings side by side: 54 s each at
+# two threads, 42 s at one). A value the user set is kept.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 LONGEST_FIRST = ["test_served.py", "test_score_real.py", "test_ray.py", "test_crash.py", "test_generate.py", "test_loaders.py",
                  "test_study.py", "test_quiet.py", "test_serve.py", "test_wheel.py", "test_methods.py", "test_train.py"]
 
@@ -311,7 +318,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
         assert len(raylet) == 1, f"not one raylet in the cluster's process group: {raylet}"
         yield RayCluster(f"127.0.0.1:{port}", head.pid, int(raylet[0]))
     finally:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        # a short grace: `ray start --block` takes 30 s to end on SIGTERM alone, and nothing in a test cluster
+        # needs saving (the raylet's workers end when it does)
+        for sig, wait in ((signal.SIGTERM, 2), (signal.SIGKILL, 10)):
             try:
                 os.killpg(head.pid, sig)
                 head.wait(wait)

@@ -53,11 +53,15 @@ def test_vllm_and_transformers_agree(scored_subset: Workspace, reference, vllm_s
         assert rho >= 0.99, column
 
 
+BF16_SUBSET = "example_id < '01'"  # 8 of SUBSET's chats: on a CPU without native bf16 (AVX2) it is emulated, ~5x slower
+
+
 def test_vllm_bfloat16_tracks_the_float32_reference(scored_subset: Workspace, reference, vllm_bf16_scorer, tmp_path: Path) -> None:
     fresh = copy_workspace(scored_subset, tmp_path / "ws")
-    score(fresh, vllm_bf16_scorer, where=SUBSET, progress=False)
+    score(fresh, vllm_bf16_scorer, where=BF16_SUBSET, progress=False)
     ours, ref = _tokens(fresh, vllm_bf16_scorer.key), _tokens(fresh, reference.key)
-    assert set(ours) == set(ref) and len(ours) >= 10
+    ref = {example: row for example, row in ref.items() if example in ours}
+    assert len(ours) >= 6 and set(ours) == set(ref)
     # bfloat16 keeps 8 mantissa bits in every layer, so single tokens drift: measured on 96 GSM8K chats, the
     # mean |difference| is ~0.03 nats and the largest ~1.1 (log-prob) and ~0.4 (entropy). Errors of single
     # tokens average out in sample means (largest difference there ~0.02), which keep their order.
@@ -65,12 +69,14 @@ def test_vllm_bfloat16_tracks_the_float32_reference(scored_subset: Workspace, re
         a = np.concatenate([np.array(row[column][1:], dtype=float) for _, row in sorted(ours.items())])
         b = np.concatenate([np.array(row[column][1:], dtype=float) for _, row in sorted(ref.items())])
         assert np.mean(np.abs(a - b)) < 0.06 and np.max(np.abs(a - b)) < 2.0, column
-    samples = connect(fresh).sql("select * from sample_scores order by example_id").pl()
+    samples = connect(fresh).sql(f"select * from sample_scores where {BF16_SUBSET} order by example_id").pl()
     by_key = {k: samples.filter(samples["score_key"] == k) for k in (vllm_bf16_scorer.key, reference.key)}
     for column in ("mean_nll", "mean_entropy"):
         a, b = by_key[vllm_bf16_scorer.key][column].to_list(), by_key[reference.key][column].to_list()
+        assert len(a) == len(b) == len(ours)
         assert np.max(np.abs(np.subtract(a, b))) < 0.05, column
-        assert _spearman(a, b) >= 0.99, column
+        # the same order; of 8, two neighbours closer than bf16's drift may trade places (one swap: rho 0.976)
+        assert _spearman(a, b) >= 0.97, column
 
 
 def test_bfloat16_head_recomputes_the_likely_logits_exactly(reference, smollm2_dir: Path) -> None:

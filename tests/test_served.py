@@ -246,17 +246,16 @@ def _only_pair_key(ws: Workspace) -> str:
 
 
 def test_a_served_pair_gives_the_in_process_pair_rows_and_the_same_instructdiff(
-        smollm2_dir: Path, calibrated_dir: Path, served_smollm2_pooling: str, fresh: Workspace) -> None:
+        vllm_scorer, calibrated_dir: Path, served_smollm2_pooling: str, fresh: Workspace) -> None:
     with local_server(calibrated_dir, *POOLING_ARGS, name="calibrated") as calibrated_url:  # the base: the session's server
         assert main(["score", "-w", str(fresh.root), "--pair-endpoints", served_smollm2_pooling, calibrated_url, "--where", SUBSET,
                      "--quiet"]) == 0
     served_keys = connect(fresh).execute("select pair_key, base_key, calibrated_key from pair_scores limit 1").fetchone()
-    base = open_scorer(str(smollm2_dir), engine="vllm", dtype="float32", together=2)
-    calibrated = open_scorer(str(calibrated_dir), engine="vllm", dtype="float32", together=2)
+    base = vllm_scorer  # the module's in-process SmolLM2 (float32), beside a second engine for the other model
+    calibrated = open_scorer(str(calibrated_dir), engine="vllm", dtype="float32")
     try:
         local = score_pair(fresh, base, calibrated, where=SUBSET, progress=False)
     finally:
-        base.close()
         calibrated.close()
     assert local.key != served_keys[0]  # another identity: the servers' (and the heads' fingerprints), not in-process models
     served_rows, local_rows = _pair_rows(fresh, served_keys[0]), _pair_rows(fresh, local.key)

@@ -344,6 +344,11 @@ def test_the_online_methods_train_the_forks_reply_slot_and_plain_sft_the_reply_a
 def test_a_model_that_is_no_folder_and_not_on_the_hub_is_named_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from train.sft import load_tokenizer
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network wait: the hub lookup fails at once
+    import huggingface_hub.constants
+
+    # no network wait: the hub lookup fails at once (huggingface_hub reads HF_HUB_OFFLINE when it is imported, so
+    # the environment variable alone, set now, would leave ~45 s of retries against an unreachable hub)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match=r"--model smollm2-typo: no such folder.*curate models pull smollm2-typo"):
         load_tokenizer("smollm2-typo")

@@ -23,6 +23,11 @@ os.environ.setdefault("CURATE_MODELS", str(REPO / ".cache" / "models"))
 # cores: two workers at torch's default of one thread per core oversubscribe two cores, and OpenMP's spinning
 # threads then slow both (measured on a 2-core AMD EPYC, two transformers scorings side by side: 54 s each at
 # two threads, 42 s at one). A value the user set is kept.
+#
+# In-process vLLM engines get a 1 GiB KV cache (curate's default is 2): the tiny models' and SmolLM2's test runs
+# use a few MiB of it, and with two workers, each with up to three engines open, beside three `vllm serve`
+# processes, 2 GiB each did not fit in 24 GiB (the kernel killed a worker).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 LONGEST_FIRST = ["test_served.py", "test_score_real.py", "test_ray.py", "test_crash.py", "test_generate.py", "test_loaders.py",
@@ -74,6 +79,12 @@ def gsm8k_workspace(tmp_path_factory: pytest.TempPathFactory):
     ws = Workspace(tmp_path_factory.mktemp("gsm8k"))
     ingest(["gsm8k"], workspace=ws, progress=False)
     return ws
+
+
+@pytest.fixture(scope="session")
+def base(gsm8k_workspace):
+    """The session's ingested GSM8K, for the tests that copy tables out of it (test_crash, test_ray)."""
+    return gsm8k_workspace
 
 
 @pytest.fixture
@@ -222,9 +233,9 @@ def write_parquet(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 def command_env() -> dict[str, str]:
     """The environment of a command a test runs in its own process: this checkout's code, the engine in the
-    calling process, no progress bars, a 1 GiB KV cache per engine (the tiny models' runs use a few MiB of it;
-    the default 2 GiB each only crowds two replicas and a driver on a small machine)."""
-    return {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TQDM_DISABLE": "1",
+    calling process, no progress bars, the session's 1 GiB KV cache per engine (above; the default 2 GiB each
+    only crowds two replicas and a driver on a small machine)."""
+    return {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TQDM_DISABLE": "1",
             "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}  # the session's test cluster (ray_cluster) has none
 
 

@@ -120,12 +120,6 @@ def crash_and_resume(program: str, make_args, tables: list[str], tmp_path: Path,
     same_workspaces(crashed, straight, tables)
 
 
-@pytest.fixture(scope="session")
-def base(gsm8k_workspace: Workspace) -> Workspace:
-    """GSM8K ingested once for the session (conftest); each test copies it."""
-    return gsm8k_workspace
-
-
 def copy_of(base: Workspace, *tables: str):
     def setup(ws: Workspace) -> None:
         for table in ("examples", *tables):

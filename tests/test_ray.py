@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, RayCluster
-from test_crash import _command, _env, base, copy_of, run, same_workspaces  # noqa: F401  (base: a fixture)
+from test_crash import _command, _env, copy_of, run, same_workspaces
 from curate.store.workspace import Workspace
 
 pytestmark = pytest.mark.slow

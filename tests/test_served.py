@@ -203,7 +203,11 @@ def test_a_killed_run_resumes_with_nothing_lost_or_doubled(server: str, fresh: W
             "--temperature", "0.7", "--max-tokens", "12", "--concurrency", "2", "--batch-size", "4", "--quiet"]
     try:
         process = subprocess.Popen([sys.executable, "-m", "curate.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(random.uniform(12, 20))  # past start-up, into the requests
+        deadline = time.monotonic() + 300
+        while not fresh.parts("traces"):  # past start-up, into the requests: its first part is written
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended (or hung) before writing a part"
+            time.sleep(0.05)
+        time.sleep(random.uniform(0, 1.5))  # then at a random moment of the next few batches
         process.send_signal(signal.SIGKILL)
         process.wait()
         partial = connect(fresh).execute("select count(*) from traces").fetchall()[0][0] if fresh.has_table("traces") else 0

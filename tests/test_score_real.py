@@ -157,28 +157,36 @@ def _pair_values(ws: Workspace, key: str) -> dict[str, tuple[np.ndarray, np.ndar
     return {example: (np.array(kl[1:], dtype=float), np.array(ratio[1:], dtype=float)) for example, kl, ratio in rows}
 
 
-def test_pair_kl_is_zero_for_the_same_model_and_positive_otherwise(fresh: Workspace, reference, calibrated_dir: Path) -> None:
-    subset = "example_id < '01'"
-    same = score_pair(fresh, reference, reference, where=subset, progress=False)
-    con = connect(fresh)
-    kl, ratio = zip(*con.execute(f"select kl, log_ratio from pair_scores where pair_key = '{same.key}'").fetchall())
+PAIR_SUBSET = "example_id < '01'"  # 8 chats
+
+
+@pytest.fixture(scope="module")
+def transformers_pair(gsm8k_workspace, reference, calibrated_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The reference pair (SmolLM2 and its noisy copy, both transformers) on PAIR_SUBSET, scored once for the two
+    tests that read it: its KL is positive, and vLLM's pair matches it. (workspace, pair key, the copy's scorer)"""
+    ws = copy_workspace(gsm8k_workspace, tmp_path_factory.mktemp("pair") / "ws")
+    other = open_scorer(str(calibrated_dir), engine="transformers", dtype="float32", top_k=5)
+    return ws, score_pair(ws, reference, other, where=PAIR_SUBSET, progress=False).key, other
+
+
+def test_pair_kl_is_zero_for_the_same_model_and_positive_otherwise(fresh: Workspace, reference, transformers_pair) -> None:
+    same = score_pair(fresh, reference, reference, where=PAIR_SUBSET, progress=False)
+    kl, ratio = zip(*connect(fresh).execute(f"select kl, log_ratio from pair_scores where pair_key = '{same.key}'").fetchall())
     assert all(k[0] is None for k in kl)
     assert max(abs(v) for k in kl for v in k[1:]) < 1e-5 and max(abs(v) for r in ratio for v in r[1:]) < 1e-5
-    other = open_scorer(str(calibrated_dir), engine="transformers", dtype="float32", top_k=5)
-    report = score_pair(fresh, reference, other, where=subset, progress=False)
-    values = np.concatenate([np.array(k[1:]) for (k,) in con.execute(
-        f"select kl from pair_scores where pair_key = '{report.key}'").fetchall()])
+    ws, key, other = transformers_pair
+    con = connect(ws)
+    values = np.concatenate([np.array(k[1:]) for (k,) in con.execute(f"select kl from pair_scores where pair_key = '{key}'").fetchall()])
     assert values.min() >= -1e-5 and values.mean() > 1e-4
     keys = {k for (k,) in con.execute("select distinct score_key from token_scores").fetchall()}
     assert {reference.key, other.key} <= keys  # both models' own token scores were written too
 
 
-def test_vllm_pair_matches_the_transformers_pair(fresh: Workspace, reference, vllm_scorer, calibrated_dir: Path) -> None:
-    subset = "example_id < '01'"
+def test_vllm_pair_matches_the_transformers_pair(fresh: Workspace, vllm_scorer, calibrated_dir: Path, transformers_pair) -> None:
     calibrated_vllm = open_scorer(str(calibrated_dir), engine="vllm", dtype="float32", top_k=5)  # a second engine in one process
-    calibrated_reference = open_scorer(str(calibrated_dir), engine="transformers", dtype="float32", top_k=5)
-    ours = _pair_values(fresh, score_pair(fresh, vllm_scorer, calibrated_vllm, where=subset, progress=False).key)
-    ref = _pair_values(fresh, score_pair(fresh, reference, calibrated_reference, where=subset, progress=False).key)
+    ours = _pair_values(fresh, score_pair(fresh, vllm_scorer, calibrated_vllm, where=PAIR_SUBSET, progress=False).key)
+    ws, key, _ = transformers_pair
+    ref = _pair_values(ws, key)
     assert set(ours) == set(ref) and len(ours) >= 3
     # float32 on both sides: per-token log-probs agree to ~1e-4 (first test), so KL and the log-ratio do too
     for example, (kl, ratio) in ours.items():

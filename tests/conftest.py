@@ -87,6 +87,23 @@ def base(gsm8k_workspace):
     return gsm8k_workspace
 
 
+def wait_for_parts(ws, process, table: str, count: int, timeout: float = 600.0) -> int:
+    """Wait until a command running in ``process`` has written ``count`` parts of ``table`` to ``ws`` (a test
+    that kills it mid-run then knows it is past start-up); fails if the command ends first or time runs out."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        written = len(ws.parts(table))
+        if written >= count:
+            return written
+        if process.poll() is not None:
+            errors = process.stderr.read()[-3000:] if process.stderr else ""
+            raise AssertionError(f"the run ended before writing {count} parts of {table}: {errors}")
+        time.sleep(0.02)
+    raise AssertionError(f"no {count} parts of {table} after {timeout:.0f} s")
+
+
 @pytest.fixture
 def fresh(gsm8k_workspace, tmp_path: Path):
     """A workspace holding only the ingested GSM8K examples (tables from other tests do not leak in)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -47,7 +46,6 @@ def test_transformers_loads_and_generates(smollm2_dir: Path) -> None:
 def test_vllm_loads_and_generates(smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("vllm")
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     from vllm import LLM, SamplingParams
 
     llm = LLM(str(smollm2_dir), enforce_eager=True, gpu_memory_utilization=0.2, max_model_len=1024, dtype="float32")

@@ -70,7 +70,7 @@ configure_logging_if_needed(LoggingConfig())  # what vllm.LLM(...) does first
 log = init_logger("vllm.curate_test")
 log.info("an info line")
 log.warning("a warning line")
-log.warning("advice: {ADVICE}")
+log.warning("advice: %s", {ADVICE!r})
 log.error("an error line: %s", "in full")
 """
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from curate.kernel.machine import resolve_precision
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -28,7 +30,8 @@ def test_gpu_check_runs_on_cpu_and_prints_its_tables(tmp_path: Path, smollm2_tok
     rows = [line for line in lines if line.startswith("| engine + head on cpu |")]
     assert [row.split(" | ")[1] for row in rows] == ["float32", "bfloat16"]
     assert all(row.endswith("| yes |") for row in rows)
-    assert [line.split(" | ")[0] for line in lines if " on cpu | float32 | 2 | " in line] == ["| LoRA r=16 on cpu", "| full on cpu"]
+    trained_in = resolve_precision("auto")  # the training rows run at `auto`: bfloat16 where this CPU has it natively
+    assert [line.split(" | ")[0] for line in lines if f" on cpu | {trained_in} | 2 | " in line] == ["| LoRA r=16 on cpu", "| full on cpu"]
 
     results = json.loads(out.read_text())
     assert results["imported_vllm_duckdb_polars"] == []  # what a GPU machine without vLLM, DuckDB and Polars can run

@@ -169,8 +169,11 @@ def transformers_pair(gsm8k_workspace, reference, calibrated_dir: Path, tmp_path
     return ws, score_pair(ws, reference, other, where=PAIR_SUBSET, progress=False).key, other
 
 
-def test_pair_kl_is_zero_for_the_same_model_and_positive_otherwise(fresh: Workspace, reference, transformers_pair) -> None:
-    same = score_pair(fresh, reference, reference, where=PAIR_SUBSET, progress=False)
+def test_pair_kl_is_zero_for_the_same_model_and_positive_otherwise(fresh: Workspace, reference, transformers_pair,
+                                                                  tiny_model_dir: Path) -> None:
+    # the same model twice: zero whatever the model, so the tiny one (SmolLM2's tokenizer) shows it in a second
+    tiny = open_scorer(str(tiny_model_dir), engine="transformers", dtype="float32", top_k=5)
+    same = score_pair(fresh, tiny, tiny, where=PAIR_SUBSET, progress=False)
     kl, ratio = zip(*connect(fresh).execute(f"select kl, log_ratio from pair_scores where pair_key = '{same.key}'").fetchall())
     assert all(k[0] is None for k in kl)
     assert max(abs(v) for k in kl for v in k[1:]) < 1e-5 and max(abs(v) for r in ratio for v in r[1:]) < 1e-5
@@ -194,13 +197,15 @@ def test_vllm_pair_matches_the_transformers_pair(fresh: Workspace, vllm_scorer, 
     assert np.mean(np.concatenate([kl for kl, _ in ours.values()])) > 1e-4  # the two models do differ
 
 
-def test_overlong_examples_are_skipped_or_truncated(fresh: Workspace, smollm2_dir: Path) -> None:
+def test_overlong_examples_are_skipped_or_truncated(fresh: Workspace, tiny_model_dir: Path) -> None:
+    """The policy decides which rows exist and how long they are, not their values: the tiny model (SmolLM2's
+    tokenizer, so the same token counts) shows it at a fraction of the cost."""
     total = connect(fresh).execute(f"select count(*) from examples where {SUBSET}").fetchall()[0][0]
-    short = open_scorer(str(smollm2_dir), engine="transformers", dtype="float32", top_k=2, max_len=150, overlong="skip")
+    short = open_scorer(str(tiny_model_dir), engine="transformers", dtype="float32", top_k=2, max_len=150, overlong="skip")
     skipped = score(fresh, short, where=SUBSET, progress=False)
     assert skipped.skipped["longer_than_context"] > 0
     assert skipped.examples_scored + skipped.skipped["longer_than_context"] == total
-    truncating = open_scorer(str(smollm2_dir), engine="transformers", dtype="float32", top_k=2, max_len=150, overlong="truncate")
+    truncating = open_scorer(str(tiny_model_dir), engine="transformers", dtype="float32", top_k=2, max_len=150, overlong="truncate")
     assert truncating.key != short.key  # the overlong policy decides rows: it is part of the key
     cut = score(fresh, truncating, where=SUBSET, progress=False)
     assert cut.truncated == skipped.skipped["longer_than_context"] and cut.examples_scored == total

@@ -2,15 +2,15 @@
 teacher's; its prompt log-probs equal the in-process exact path's; through a fault-injecting proxy every
 request lands exactly once and the retries are counted; a killed run resumes with nothing lost or doubled;
 the API key is written nowhere. A pair scored through two real pooling servers (`vllm serve --runner
-pooling`, the bundled SmolLM2 and a second model with its tokenizer) gives the pair rows an in-process pair
-gives, and InstructDiff selects the same examples from either; two log-prob servers give the log-ratio and no
-KL, and a KL recipe refuses them. (One module: its tests share the session's servers, and make test's
-workers take a module at a time.)"""
+pooling` of the bundled SmolLM2, and `curate serve --pooling` of a tiny model with its tokenizer) gives the pair
+rows an in-process pair gives, and InstructDiff selects the same examples from either; two log-prob servers give
+the log-ratio and no KL, and a KL recipe refuses them. `curate serve` prints the `--endpoint` line that scores
+through it and stops on Ctrl-C. (One module: its tests share the session's servers, and make test's workers take a
+module at a time.)"""
 
 from __future__ import annotations
 
 import http.server
-import shutil
 import os
 import random
 import signal
@@ -21,14 +21,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, wait_for_parts
 from curate.cli import main
 from curate.models.scorer import open_scorer, open_served_scorer
-from curate.models.served import POOLING_ARGS, Endpoint, local_server
+from curate.models.served import Endpoint
 from curate.models.teacher import Sampling, open_served_teacher
 from curate.stages.generate import generate
 from curate.stages.recipes import load_recipe
@@ -203,10 +204,7 @@ def test_a_killed_run_resumes_with_nothing_lost_or_doubled(server: str, fresh: W
             "--temperature", "0.7", "--max-tokens", "12", "--concurrency", "2", "--batch-size", "4", "--quiet"]
     try:
         process = subprocess.Popen([sys.executable, "-m", "curate.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 300
-        while not fresh.parts("traces"):  # past start-up, into the requests: its first part is written
-            assert process.poll() is None and time.monotonic() < deadline, "the run ended (or hung) before writing a part"
-            time.sleep(0.05)
+        wait_for_parts(fresh, process, "traces", 1, timeout=300)  # past start-up, into the requests
         time.sleep(random.uniform(0, 1.5))  # then at a random moment of the next few batches
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -220,22 +218,36 @@ def test_a_killed_run_resumes_with_nothing_lost_or_doubled(server: str, fresh: W
     assert len(traces) == 3 * count == len(set(traces)) and partial < 3 * count
 
 
-# ---- a pair through two servers -------------------------------------------------------------------------------
+# ---- `curate serve`, and a pair through two pooling servers -----------------------------------------------------
+
+
+class CurateServe(NamedTuple):
+    process: subprocess.Popen
+    printed: list[str]  # what it printed up to "Ctrl-C stops it"
+    url: str  # from the --endpoint line it printed
 
 
 @pytest.fixture(scope="module")
-def calibrated_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A second model that shares SmolLM2's tokenizer and template: SmolLM2 with its final norm scaled by 1.1
-    (a stand-in for a calibrated copy: what the pair needs is another distribution over the same tokens)."""
-    from safetensors.torch import load_file, save_file
-
-    target = tmp_path_factory.mktemp("calibrated") / "smollm2-calibrated"
-    shutil.copytree(smollm2_dir, target)
-    weights = target / "model.safetensors"
-    tensors = load_file(str(weights))
-    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.1
-    save_file(tensors, str(weights), metadata={"format": "pt"})
-    return target
+def curate_serve(tiny_model_dir: Path) -> Iterator[CurateServe]:
+    """`curate serve TINY --pooling` in its own process, as a user starts it, read up to the last line it prints
+    once up. The served pair below uses it as its second model (the tiny model has SmolLM2's tokenizer and template:
+    another distribution over the same tokens); the module's last test stops it with Ctrl-C."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the KV cache: the session's (conftest)
+    serve = subprocess.Popen([sys.executable, "-m", "curate.cli", "serve", str(tiny_model_dir), "--pooling", "--port", "0",
+                              "--served-model", "tiny", "--dtype", "float32", "--max-model-len", "1024", "--wait", "1500"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    printed: list[str] = []
+    try:
+        while not any(line.startswith("Ctrl-C stops it") for line in printed):
+            line = serve.stdout.readline()
+            assert line, "curate serve exited before the server was up:\n" + "".join(printed)
+            printed.append(line)
+        use = next(line.split("#")[0].split() for line in printed if "--endpoint" in line)
+        yield CurateServe(serve, printed, use[use.index("--endpoint") + 1])
+    finally:
+        if serve.poll() is None:  # the Ctrl-C test did not run (deselected) or failed before it stopped it
+            serve.send_signal(signal.SIGINT)
+            serve.communicate(timeout=90)
 
 
 def _pair_rows(ws: Workspace, pair_key: str) -> dict[str, dict]:
@@ -250,13 +262,13 @@ def _only_pair_key(ws: Workspace) -> str:
 
 
 def test_a_served_pair_gives_the_in_process_pair_rows_and_the_same_instructdiff(
-        vllm_scorer, calibrated_dir: Path, served_smollm2_pooling: str, fresh: Workspace) -> None:
-    with local_server(calibrated_dir, *POOLING_ARGS, name="calibrated") as calibrated_url:  # the base: the session's server
-        assert main(["score", "-w", str(fresh.root), "--pair-endpoints", served_smollm2_pooling, calibrated_url, "--where", SUBSET,
-                     "--quiet"]) == 0
+        vllm_scorer, tiny_model_dir: Path, served_smollm2_pooling: str, curate_serve: CurateServe, fresh: Workspace) -> None:
+    """The base: the session's SmolLM2 pooling server; the calibrated: the tiny model that `curate serve` serves."""
+    assert main(["score", "-w", str(fresh.root), "--pair-endpoints", served_smollm2_pooling, curate_serve.url, "--where", SUBSET,
+                 "--quiet"]) == 0
     served_keys = connect(fresh).execute("select pair_key, base_key, calibrated_key from pair_scores limit 1").fetchone()
     base = vllm_scorer  # the module's in-process SmolLM2 (float32), beside a second engine for the other model
-    calibrated = open_scorer(str(calibrated_dir), engine="vllm", dtype="float32")
+    calibrated = open_scorer(str(tiny_model_dir), engine="vllm", dtype="float32")
     try:
         local = score_pair(fresh, base, calibrated, where=SUBSET, progress=False)
     finally:
@@ -297,3 +309,47 @@ def test_two_logprob_servers_give_the_log_ratio_without_kl(served_smollm2: str, 
     pair_key, base_key = connect(fresh).execute("select pair_key, base_key from pair_scores limit 1").fetchone()
     with pytest.raises(ValueError, match="needs"):
         select(fresh, load_recipe("eksft_offline"), name="no_kl", params={"base_key": base_key, "pair_key": pair_key})
+
+
+def test_curate_serve_prints_the_endpoint_line_scores_through_it_and_stops_on_ctrl_c(curate_serve: CurateServe, tiny_model_dir: Path,
+                                                                                     fresh: Workspace) -> None:
+    """The module's last test (it stops the server the pair above used): the `--endpoint` line `curate serve` printed,
+    scoring through that line equal to the in-process transformers reference, and a clean stop on Ctrl-C (SIGINT)
+    that takes the server down with it."""
+    import httpx
+
+    serve, printed = curate_serve.process, curate_serve.printed
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        use = next(line.split("#")[0].split() for line in printed if "--endpoint" in line)
+        assert use[:2] == ["curate", "score"] and use[use.index("--served-model") + 1] == "tiny"
+        url = use[use.index("--endpoint") + 1]
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+
+        # the printed line, with the workspace filled in, is the command that scores through the server
+        command = [a if a != "WORKSPACE" else str(fresh.root) for a in use[2:]]
+        done = subprocess.run([sys.executable, "-m", "curate.cli", "score", *command, "--where", SUBSET],
+                              capture_output=True, text=True, env=env, cwd=REPO)
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        serve.send_signal(signal.SIGINT)  # Ctrl-C
+        rest, _ = serve.communicate(timeout=90)
+    assert serve.returncode == 0, "".join(printed) + rest
+    assert "stopped the server" in rest
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/health", timeout=5)  # nothing left listening
+
+    served = connect(fresh).execute("select example_id, signals, logprob, entropy from token_scores order by example_id").fetchall()
+    assert len(served) == connect(fresh).execute(f"select count(*) from examples where {SUBSET}").fetchall()[0][0] > 0
+    reference = open_scorer(str(tiny_model_dir), engine="transformers", dtype="float32", top_k=5)
+    try:
+        score(fresh, reference, where=SUBSET, progress=False)
+    finally:
+        reference.close()
+    rows = connect(fresh).execute("select example_id, logprob, entropy from token_scores where score_key = ? order by example_id",
+                                  [reference.key]).fetchall()
+    assert [r[0] for r in rows] == [r[0] for r in served]
+    for (example, signals, logprob, entropy), (_, ref_logprob, ref_entropy) in zip(served, rows):
+        assert signals == "exact" and logprob[0] is None
+        for ours, theirs in ((logprob, ref_logprob), (entropy, ref_entropy)):  # vLLM's hidden states vs transformers', same head
+            assert np.max(np.abs(np.array(ours[1:], dtype=float) - np.array(theirs[1:], dtype=float))) < 1e-3, example

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, RayCluster
-from test_crash import _command, _env, copy_of, run, same_workspaces
+from conftest import REPO, RayCluster, wait_for_parts
+from test_crash import _command, _env, copy_of, same_workspaces
+from curate.cli import main
+from curate.stages.shards import require_ray
 from curate.store.workspace import Workspace
 
 pytestmark = pytest.mark.slow
@@ -49,8 +51,6 @@ def generate_args(ws: Workspace, model: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def straight(base: Workspace, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     """The single-process runs every Ray run must equal: the same commands, run in this process."""
-    from curate.cli import main
-
     ws = Workspace(tmp_path_factory.mktemp("straight") / "ws")
     copy_of(base)(ws)
     for args in (score_args, probe_args, generate_args):
@@ -62,17 +62,6 @@ def _start(ws: Workspace, model: Path, cluster: RayCluster) -> subprocess.Popen:
     _no_replicas_left(cluster)
     return subprocess.Popen(_command("curate", score_args(ws, model, *on_ray(cluster))), env=_env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def _wait_for_parts(ws: Workspace, process: subprocess.Popen, count: int, timeout: float = 600.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        written = len(ws.parts("token_scores"))
-        if written >= count:
-            return written
-        assert process.poll() is None, f"the run ended before writing {count} parts: {process.stderr.read()[-3000:]}"
-        time.sleep(0.02)
-    raise AssertionError(f"no {count} parts after {timeout:.0f} s")
 
 
 def _replica_pids(cluster: RayCluster) -> list[int]:
@@ -98,12 +87,18 @@ def _stop_driver(process: subprocess.Popen) -> None:
 
 
 def test_two_replicas_write_the_rows_of_one_process(straight: Workspace, base: Workspace, tiny_model_dir: Path,
-                                                    ray_cluster: RayCluster, tmp_path: Path) -> None:
-    """Probe and generate; score's two-replica rows are compared with the one-process run's by the fault tests."""
+                                                    ray_cluster: RayCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probe and generate; score's two-replica rows are compared with the one-process run's by the fault tests. The
+    drivers run in this process (the commands' own main: no process start and imports to pay twice); the replicas are
+    the cluster's processes as always, and the fault test below runs its drivers as processes of their own."""
     ws = Workspace(tmp_path / "ray")
     copy_of(base)(ws)
-    for args in (probe_args, generate_args):
-        run("curate", args(ws, tiny_model_dir, *on_ray(ray_cluster)))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the session's cluster has no token (conftest: ray_cluster)
+    try:
+        for args in (probe_args, generate_args):
+            assert main(args(ws, tiny_model_dir, *on_ray(ray_cluster))) == 0
+    finally:
+        require_ray().shutdown()  # this process leaves the cluster: the next test's replicas are the only ones there
     same_workspaces(ws, straight, ["probe_scores", "traces", "best_traces"])
 
 
@@ -117,7 +112,7 @@ def test_a_killed_driver_is_finished_by_a_rerun_that_replaces_a_dead_replica(str
     total = len(straight.parts("token_scores"))
     process = _start(ws, tiny_model_dir, ray_cluster)
     try:
-        _wait_for_parts(ws, process, 2)
+        wait_for_parts(ws, process, "token_scores", 2)
         process.send_signal(signal.SIGKILL)
         process.wait()
     finally:
@@ -127,7 +122,7 @@ def test_a_killed_driver_is_finished_by_a_rerun_that_replaces_a_dead_replica(str
 
     rerun = _start(ws, tiny_model_dir, ray_cluster)
     try:
-        _wait_for_parts(ws, rerun, driver_killed_with + 1)
+        wait_for_parts(ws, rerun, "token_scores", driver_killed_with + 1)
         victims = _replica_pids(ray_cluster)
         assert victims, "no replica process found to kill"
         os.kill(victims[0], signal.SIGKILL)

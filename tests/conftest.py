@@ -174,8 +174,9 @@ def copy_workspace(ws, target: Path):
 
 @pytest.fixture(scope="session")
 def scored_subset(gsm8k_workspace, reference, tmp_path_factory: pytest.TempPathFactory):
-    """SUBSET scored once per test run under the transformers reference, IFD included: tests that only read
-    scores share it (copy it before writing)."""
+    """SUBSET scored once per test run under the transformers reference: tests that only read scores share it
+    (copy it before writing). No IFD here: its second pass would double the slowest scoring of the run (SmolLM2 in
+    transformers on one thread); test_score_real checks IFD on the vLLM engine's rows."""
     import shutil
 
     from curate.stages.score import score
@@ -184,7 +185,7 @@ def scored_subset(gsm8k_workspace, reference, tmp_path_factory: pytest.TempPathF
     ws = Workspace(tmp_path_factory.mktemp("scored") / "ws")
     ws.root.mkdir()
     shutil.copytree(gsm8k_workspace.table_dir("examples"), ws.table_dir("examples"))
-    score(ws, reference, where=SUBSET, ifd=True, progress=False)
+    score(ws, reference, where=SUBSET, progress=False)
     return ws
 
 

@@ -33,9 +33,16 @@ def _spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(*ranks)[0, 1])
 
 
-def test_vllm_and_transformers_agree(scored_subset: Workspace, reference, vllm_scorer, tmp_path: Path) -> None:
-    fresh = copy_workspace(scored_subset, tmp_path / "ws")
-    score(fresh, vllm_scorer, where=SUBSET, progress=False)
+@pytest.fixture(scope="module")
+def both_engines(scored_subset: Workspace, vllm_scorer, tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    """SUBSET under the transformers reference (scored_subset) and the vLLM engine, IFD included for the latter."""
+    ws = copy_workspace(scored_subset, tmp_path_factory.mktemp("both") / "ws")
+    score(ws, vllm_scorer, where=SUBSET, ifd=True, progress=False)
+    return ws
+
+
+def test_vllm_and_transformers_agree(both_engines: Workspace, reference, vllm_scorer) -> None:
+    fresh = both_engines
     ours, ref = _tokens(fresh, vllm_scorer.key), _tokens(fresh, reference.key)
     assert set(ours) == set(ref) and len(ours) >= 10
     # Both run float32; they differ only in attention/matmul kernels and summation order, so per-token
@@ -127,8 +134,8 @@ def test_signals_are_well_formed_and_aligned(scored_subset: Workspace, reference
     assert np.max(np.abs(np.array(row["logprob"][1:]) - wrong_alignment)) > 0.5
 
 
-def test_ifd_and_sample_scores(scored_subset: Workspace, reference) -> None:
-    frame = connect(scored_subset).sql(f"select * from sample_scores where score_key = '{reference.key}'").pl()
+def test_ifd_and_sample_scores(both_engines: Workspace, vllm_scorer) -> None:
+    frame = connect(both_engines).sql(f"select * from sample_scores where score_key = '{vllm_scorer.key}'").pl()
     assert frame.height >= 10
     assert (frame["ifd"] - frame["mean_nll"] / frame["mean_nll_response_only"]).abs().max() < 1e-9
     assert (frame["ppl"] - frame["mean_nll"].exp()).abs().max() < 1e-9

@@ -184,7 +184,7 @@ def test_faults_are_retried_every_request_lands_once_and_the_key_is_written_nowh
     try:
         done = _cli(["generate", "-w", str(fresh.root), "--endpoint", proxy.url, "--served-model", "smollm2", "--api-key-env",
                      "CURATE_TEST_KEY", "--from", SUBSET, "--n", "2", "--temperature", "0.7", "--max-tokens", "16", "--timeout", str(TIMEOUT),
-                     "--concurrency", "4", "--batch-size", "6", "--quiet"], env={"CURATE_TEST_KEY": SECRET})
+                     "--concurrency", "4", "--batch-size", "16", "--quiet"], env={"CURATE_TEST_KEY": SECRET})
     finally:
         proxy.close()
     assert done.returncode == 0, done.stderr[-2000:]

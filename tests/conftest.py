@@ -16,8 +16,10 @@ os.environ.setdefault("CURATE_MODELS", str(REPO / ".cache" / "models"))
 
 # ---- two workers (make test: pytest -n 2 --dist loadfile) -----------------------------------------------------
 # A module is one unit of work, so its module-scoped engines open once and the session's servers start in one
-# worker (the tests that use them live in test_served.py). Modules run longest first (as measured by
-# --durations on a 2-core AMD EPYC), so the run does not end on one long module while the other worker idles.
+# worker (the tests that use them live in test_served.py). Modules run longest first (as measured by --durations
+# on a 2-core AMD EPYC), so the run does not end on one long module while the other worker idles, with one
+# exception for memory: test_score_real (five models open at its peak) comes after test_ray and test_crash, so it
+# does not run beside test_served's three servers and engines (together they took 20.1 of 24 GB, measured).
 #
 # Each worker's torch (and every command a test starts, which inherits this environment) gets its share of the
 # cores: two workers at torch's default of one thread per core oversubscribe two cores, and OpenMP's spinning
@@ -30,8 +32,9 @@ os.environ.setdefault("CURATE_MODELS", str(REPO / ".cache" / "models"))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
-LONGEST_FIRST = ["test_served.py", "test_score_real.py", "test_ray.py", "test_crash.py", "test_generate.py", "test_loaders.py",
-                 "test_study.py", "test_quiet.py", "test_serve.py", "test_wheel.py", "test_methods.py", "test_train.py"]
+LONGEST_FIRST = ["test_served.py", "test_ray.py", "test_crash.py", "test_score_real.py", "test_loaders.py", "test_generate.py",
+                 "test_study.py", "test_quiet.py", "test_export.py", "test_parity.py", "test_repair.py", "test_train.py",
+                 "test_probe.py", "test_plant.py", "test_methods.py", "test_wheel.py"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

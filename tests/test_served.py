@@ -30,7 +30,7 @@ from conftest import REPO, free_port, wait_for_parts
 from curate.cli import main
 from curate.models.scorer import open_scorer, open_served_scorer
 from curate.models.served import Endpoint
-from curate.models.teacher import Sampling, open_served_teacher
+from curate.models.teacher import Sampling, open_served_teacher, open_teacher
 from curate.stages.generate import generate
 from curate.stages.recipes import load_recipe
 from curate.stages.score import score, score_pair
@@ -51,6 +51,16 @@ TIMEOUT, SLOW = 10, 13.0
 def server(served_smollm2: str) -> str:
     """The session's real vLLM server of the bundled SmolLM2 (conftest: started once, float32)."""
     return served_smollm2
+
+
+@pytest.fixture
+def teacher(smollm2_dir: Path):
+    """The in-process SmolLM2 teacher for the one test that compares with it, closed after it (conftest's is per
+    module): this module holds three servers, and the engines it opens later start after this one is closed."""
+    pytest.importorskip("vllm")
+    opened = open_teacher(str(smollm2_dir), dtype="float32", max_len=2048)
+    yield opened
+    opened.close()
 
 
 class FaultyProxy:

@@ -106,5 +106,5 @@ def run_stage(workspace: Workspace, run: StageRun, report: Any, *, predicate: st
             finish(connect(workspace, into=con))
         record.counts = vars(report)
         workspace.write_manifest(run.stage, {"key": run.key, **run.parameters, **planned.manifest, "report": vars(report)})
-    check_tables(workspace, list(run.tables))
+    check_tables(workspace, list(run.tables), connection=con)  # the run's one connection, its views made anew
     return report

@@ -136,11 +136,11 @@ def _orphans(con, table: str, present: set[str]) -> list[str]:
     return found
 
 
-def check_tables(workspace: Workspace, tables: list[str]) -> None:
-    """After a stage: the tables it wrote hold no duplicates or orphans (raises IntegrityError, naming them)."""
-
+def check_tables(workspace: Workspace, tables: list[str], *, connection: Any = None) -> None:
+    """After a stage: the tables it wrote hold no duplicates or orphans (raises IntegrityError, naming them).
+    ``connection``: the stage run's own DuckDB connection (its views made anew here), else a new one."""
     present = workspace.tables()
-    con = connect(workspace)
+    con = connect(workspace, into=connection)
     problems = []
     for table in tables:
         grain = grain_of(table)

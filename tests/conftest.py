@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
@@ -93,8 +94,6 @@ def base(gsm8k_workspace):
 def wait_for_parts(ws, process, table: str, count: int, timeout: float = 600.0) -> int:
     """Wait until a command running in ``process`` has written ``count`` parts of ``table`` to ``ws`` (a test
     that kills it mid-run then knows it is past start-up); fails if the command ends first or time runs out."""
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         written = len(ws.parts(table))
@@ -128,7 +127,7 @@ def reference(smollm2_dir: Path):
     return open_scorer(str(smollm2_dir), engine="transformers", dtype="float32", top_k=5)
 
 
-def _closing(opened):
+def closed_after_use(opened):
     """Yield an engine and shut it down after the module (or session) that used it: engines do not pile up in
     one process."""
     yield opened
@@ -143,7 +142,7 @@ def vllm_scorer(smollm2_dir: Path):
     pytest.importorskip("vllm")
     from curate.models.scorer import open_scorer
 
-    yield from _closing(open_scorer(str(smollm2_dir), engine="vllm", dtype="float32", top_k=5))
+    yield from closed_after_use(open_scorer(str(smollm2_dir), engine="vllm", dtype="float32", top_k=5))
 
 
 @pytest.fixture(scope="module")
@@ -152,17 +151,22 @@ def vllm_bf16_scorer(smollm2_dir: Path):
     pytest.importorskip("vllm")
     from curate.models.scorer import open_scorer
 
-    yield from _closing(open_scorer(str(smollm2_dir), engine="vllm", dtype="bfloat16", top_k=5))
+    yield from closed_after_use(open_scorer(str(smollm2_dir), engine="vllm", dtype="bfloat16", top_k=5))
+
+
+def smollm2_teacher(smollm2_dir: Path):
+    """A vLLM generation engine of SmolLM2 (float32: greedy traces are compared with transformers' generate)."""
+    pytest.importorskip("vllm")
+    from curate.models.teacher import open_teacher
+
+    return open_teacher(str(smollm2_dir), dtype="float32", max_len=2048)
 
 
 @pytest.fixture(scope="module")
 def teacher(smollm2_dir: Path):
-    """A vLLM generation engine (float32: greedy traces are compared with transformers' generate). Per module:
-    kept for the session it would stay open beside test_score_real's three engines (memory, not time, binds)."""
-    pytest.importorskip("vllm")
-    from curate.models.teacher import open_teacher
-
-    yield from _closing(open_teacher(str(smollm2_dir), dtype="float32", max_len=2048))
+    """smollm2_teacher, per module: kept for the session it would stay open beside test_score_real's three engines
+    (memory, not time, binds)."""
+    yield from closed_after_use(smollm2_teacher(smollm2_dir))
 
 
 def copy_workspace(ws, target: Path):

@@ -26,11 +26,11 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port, wait_for_parts
+from conftest import REPO, closed_after_use, free_port, smollm2_teacher, wait_for_parts
 from curate.cli import main
 from curate.models.scorer import open_scorer, open_served_scorer
 from curate.models.served import Endpoint
-from curate.models.teacher import Sampling, open_served_teacher, open_teacher
+from curate.models.teacher import Sampling, open_served_teacher
 from curate.stages.generate import generate
 from curate.stages.recipes import load_recipe
 from curate.stages.score import score, score_pair
@@ -57,10 +57,7 @@ def server(served_smollm2: str) -> str:
 def teacher(smollm2_dir: Path):
     """The in-process SmolLM2 teacher for the one test that compares with it, closed after it (conftest's is per
     module): this module holds three servers, and the engines it opens later start after this one is closed."""
-    pytest.importorskip("vllm")
-    opened = open_teacher(str(smollm2_dir), dtype="float32", max_len=2048)
-    yield opened
-    opened.close()
+    yield from closed_after_use(smollm2_teacher(smollm2_dir))
 
 
 class FaultyProxy:
@@ -234,7 +231,11 @@ def test_a_killed_run_resumes_with_nothing_lost_or_doubled(server: str, fresh: W
 class CurateServe(NamedTuple):
     process: subprocess.Popen
     printed: list[str]  # what it printed up to "Ctrl-C stops it"
-    url: str  # from the --endpoint line it printed
+    use: list[str]  # the `curate score ... --endpoint URL` line it printed, as words
+
+    @property
+    def url(self) -> str:
+        return self.use[self.use.index("--endpoint") + 1]
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +253,7 @@ def curate_serve(tiny_model_dir: Path) -> Iterator[CurateServe]:
             line = serve.stdout.readline()
             assert line, "curate serve exited before the server was up:\n" + "".join(printed)
             printed.append(line)
-        use = next(line.split("#")[0].split() for line in printed if "--endpoint" in line)
-        yield CurateServe(serve, printed, use[use.index("--endpoint") + 1])
+        yield CurateServe(serve, printed, next(line.split("#")[0].split() for line in printed if "--endpoint" in line))
     finally:
         if serve.poll() is None:  # the Ctrl-C test did not run (deselected) or failed before it stopped it
             serve.send_signal(signal.SIGINT)
@@ -328,12 +328,10 @@ def test_curate_serve_prints_the_endpoint_line_scores_through_it_and_stops_on_ct
     that takes the server down with it."""
     import httpx
 
-    serve, printed = curate_serve.process, curate_serve.printed
+    serve, printed, use, url = curate_serve.process, curate_serve.printed, curate_serve.use, curate_serve.url
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
-        use = next(line.split("#")[0].split() for line in printed if "--endpoint" in line)
         assert use[:2] == ["curate", "score"] and use[use.index("--served-model") + 1] == "tiny"
-        url = use[use.index("--endpoint") + 1]
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
 
         # the printed line, with the workspace filled in, is the command that scores through the server
